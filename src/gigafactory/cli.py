@@ -27,6 +27,7 @@ def _register() -> None:
     for module in (
         "gigafactory.specs.commands",
         "gigafactory.train.commands",
+        "gigafactory.sim.commands",
     ):
         importlib.import_module(module).register(app)
 

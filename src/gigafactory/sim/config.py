@@ -79,7 +79,8 @@ class SimConfig(BaseModel):
         if tau is not None:
             if tau > self.campaign_s:
                 raise ValueError(
-                    f"checkpoint interval {tau:g} s is longer than the campaign ({self.campaign_s:g} s = {self.days:g} days)"
+                    f"checkpoint interval {tau:g} s is longer than the campaign "
+                    f"({self.campaign_s:g} s = {self.days:g} days)"
                 )
             if self.checkpoint_mode == "async" and tau < self.durable_delay_s:
                 raise ValueError(

@@ -87,8 +87,9 @@ class _Segments:
         self.count_by_cause = [np.concatenate(self.count_by_cause)]
 
 
-def _simulate_chunk(cfg: SimConfig, rates: np.ndarray, swap: np.ndarray, rng: np.random.Generator, n: int,
-                    first: int, seg: _Segments) -> None:
+def _simulate_chunk(
+    cfg: SimConfig, rates: np.ndarray, swap: np.ndarray, rng: np.random.Generator, n: int, first: int, seg: _Segments
+) -> None:
     T = cfg.campaign_s
     C = len(rates)
     lam = float(rates.sum())
@@ -151,8 +152,14 @@ def _simulate_chunk(cfg: SimConfig, rates: np.ndarray, swap: np.ndarray, rng: np
     seg.count_by_cause.append(np.bincount(key, minlength=n * (C + 1)).reshape(n, C + 1))
     if seg.timeline is None:
         m = valid[0]
-        seg.timeline = {"f": f0[0, m], "cause": cause[0, m], "prev": prev[0, m], "up": up[0, m],
-                        "running": running[0, m], "final": final[0:1]}
+        seg.timeline = {
+            "f": f0[0, m],
+            "cause": cause[0, m],
+            "prev": prev[0, m],
+            "up": up[0, m],
+            "running": running[0, m],
+            "final": final[0:1],
+        }
 
 
 def _work(tau: float, s: float, w: float, lost_len: np.ndarray, kept_len: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -277,7 +284,7 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
 
     tau = cfg.checkpoint_interval_s if cfg.checkpoint_interval_s is not None else best_tau
     kept_a, stall_a, kept_b, stall_b = _work(tau, s, w, lost_len, kept_len)
-    useful = (np.bincount(lost_rep, kept_a, n_rep) + np.bincount(kept_rep, kept_b, n_rep))
+    useful = np.bincount(lost_rep, kept_a, n_rep) + np.bincount(kept_rep, kept_b, n_rep)
     stalls = np.bincount(lost_rep, stall_a, n_rep) + np.bincount(kept_rep, stall_b, n_rep)
     rework = lost_len - kept_a - stall_a
     rework_by_cause = np.bincount(lost_rep * (C + 1) + lost_cause, rework, n_rep * (C + 1)).reshape(n_rep, C + 1)
