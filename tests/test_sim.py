@@ -79,9 +79,17 @@ def test_work_lost_per_failure_is_half_the_interval() -> None:
     # Exponential failures, free checkpoints, instant detection and restart: rework = L mod tau.
     mtbf, tau = DAY, 600.0
     cfg = make_config(
-        gpus=8, days=30, replicas=200, maintenance=False, failure_modes=one_mode(mtbf),
-        checkpoint_mode="blocking", checkpoint_cost_s=0, detection_s=0, restart_s=0, checkpoint_interval_s=tau,
-    )  # fmt: skip
+        gpus=8,
+        days=30,
+        replicas=200,
+        maintenance=False,
+        failure_modes=one_mode(mtbf),
+        checkpoint_mode="blocking",
+        checkpoint_cost_s=0,
+        detection_s=0,
+        restart_s=0,
+        checkpoint_interval_s=tau,
+    )
     res = simulate(cfg)
     exact = mtbf - tau / math.expm1(tau / mtbf)  # E[L mod tau] for L ~ Exp(mtbf); -> tau/2 as tau/mtbf -> 0
     assert exact == pytest.approx(tau / 2, rel=0.01)
@@ -94,9 +102,17 @@ def test_goodput_matches_closed_form(gpus: int) -> None:
     mtbf = mtbf_seconds(gpus)
     tau = math.sqrt(2 * cost * mtbf)
     cfg = make_config(
-        gpus=gpus, days=60, replicas=40, maintenance=False, checkpoint_mode="blocking", checkpoint_cost_s=cost,
-        detection_s=60, restart_s=down - 60, spare_nodes=100_000, checkpoint_interval_s=tau,
-    )  # fmt: skip
+        gpus=gpus,
+        days=60,
+        replicas=40,
+        maintenance=False,
+        checkpoint_mode="blocking",
+        checkpoint_cost_s=cost,
+        detection_s=60,
+        restart_s=down - 60,
+        spare_nodes=100_000,
+        checkpoint_interval_s=tau,
+    )
     res = simulate(cfg)
     assert res.mtbf_s == pytest.approx(mtbf)
     assert res.goodput_mean == pytest.approx(exact_goodput(tau, cost, down, mtbf), abs=0.004)
@@ -109,9 +125,15 @@ def test_goodput_matches_closed_form(gpus: int) -> None:
 
 def test_young_daly_is_near_the_simulated_optimum() -> None:
     cfg = make_config(
-        gpus=16_384, days=90, replicas=40, maintenance=False, checkpoint_mode="blocking", checkpoint_cost_s=60,
-        detection_s=60, restart_s=240,
-    )  # fmt: skip
+        gpus=16_384,
+        days=90,
+        replicas=40,
+        maintenance=False,
+        checkpoint_mode="blocking",
+        checkpoint_cost_s=60,
+        detection_s=60,
+        restart_s=240,
+    )
     res = simulate(cfg)
     assert res.young_daly_interval_s == pytest.approx(math.sqrt(2 * 60 * mtbf_seconds(16_384)))
     assert res.best_checkpoint_interval_s == pytest.approx(res.young_daly_interval_s, rel=0.25)
@@ -134,8 +156,9 @@ def test_young_daly_is_near_the_simulated_optimum() -> None:
     cost=st.floats(0, 600),
 )
 def test_time_is_fully_accounted_for(gpus: int, days: float, mode: str, spares: int, cost: float) -> None:
-    cfg = make_config(gpus=gpus, days=days, replicas=3, checkpoint_mode=mode, spare_nodes=spares,
-                      checkpoint_cost_s=cost, repair_h=6)  # fmt: skip
+    cfg = make_config(
+        gpus=gpus, days=days, replicas=3, checkpoint_mode=mode, spare_nodes=spares, checkpoint_cost_s=cost, repair_h=6
+    )
     res = simulate(cfg)
     assert sum(res.time_fractions.values()) == pytest.approx(1.0, abs=1e-9)
     assert all(v >= -1e-12 for v in res.time_fractions.values())
@@ -183,8 +206,17 @@ def test_async_checkpoints_beat_blocking_at_the_same_write_cost() -> None:
 
 def test_planned_maintenance_only() -> None:
     rare = [FailureMode(name="never", scope="job", rate_per_day=1e-12)]
-    cfg = make_config(gpus=1024, days=10, replicas=5, failure_modes=rare, maintenance_interval_h=12,
-                      checkpoint_mode="blocking", checkpoint_cost_s=30, restart_s=300, maintenance_extra_s=600)  # fmt: skip
+    cfg = make_config(
+        gpus=1024,
+        days=10,
+        replicas=5,
+        failure_modes=rare,
+        maintenance_interval_h=12,
+        checkpoint_mode="blocking",
+        checkpoint_cost_s=30,
+        restart_s=300,
+        maintenance_extra_s=600,
+    )
     res = simulate(cfg)
     assert res.interruptions_mean == pytest.approx(20, abs=1)  # 10 days / 12 h, random phase
     assert res.time_fractions["rework"] == 0  # maintenance is announced: checkpoint first, lose nothing
