@@ -92,8 +92,8 @@ def simulate(
     cfg = make_config(**kwargs)
 
     err = Console(stderr=True)
-    # Roughly 1e8 GPU-day-replicas per second here; below a second a bar is only noise.
-    if not as_json and err.is_terminal and gpus * days * replicas > 5e7:
+    # About 1.5e10 GPU-day-replicas per second on 2 cores; below a second or so a bar is only flicker.
+    if not as_json and err.is_terminal and gpus * days * replicas > 1.5e10:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(
