@@ -80,11 +80,8 @@ class _Segments:
     count_by_cause: list[np.ndarray] = field(default_factory=list)
     timeline: dict[str, np.ndarray] | None = None
 
-    def freeze(self) -> None:
-        for name in ("lost_len", "lost_rep", "lost_cause", "kept_len", "kept_rep"):
-            setattr(self, name, [np.concatenate(getattr(self, name))])
-        self.down_by_cause = [np.concatenate(self.down_by_cause)]
-        self.count_by_cause = [np.concatenate(self.count_by_cause)]
+    def joined(self, name: str) -> np.ndarray:
+        return np.concatenate(getattr(self, name))
 
 
 def _simulate_chunk(
@@ -253,9 +250,8 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
         _simulate_chunk(cfg, rates, swap, np.random.default_rng(stream), n, first, seg)
         if progress is not None:
             progress(first + n, n_rep)
-    seg.freeze()
-    lost_len, lost_rep, lost_cause = seg.lost_len[0], seg.lost_rep[0], seg.lost_cause[0]
-    kept_len, kept_rep = seg.kept_len[0], seg.kept_rep[0]
+    lost_len, lost_rep, lost_cause = seg.joined("lost_len"), seg.joined("lost_rep"), seg.joined("lost_cause")
+    kept_len, kept_rep = seg.joined("kept_len"), seg.joined("kept_rep")
     s, w = cfg.stall_s, cfg.durable_delay_s
 
     def goodput_at(tau: float) -> np.ndarray:
@@ -265,7 +261,7 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
     # Sweep: a log grid around Young/Daly, then a finer one around the best point.
     mtbf = 1.0 / float(rates.sum())
     yd = young_daly_s(s, mtbf)
-    lo = max(yd / 8.0, w, 1.0)
+    lo = min(max(yd / 8.0, w, 1.0), T)  # an interval longer than the campaign means no checkpoint at all
     hi = min(T, max(yd * 8.0, lo * 64.0))
     taus = list(_sweep_grid(lo, hi, 33))
     curves = [goodput_at(x) for x in taus]
@@ -288,8 +284,8 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
     stalls = np.bincount(lost_rep, stall_a, n_rep) + np.bincount(kept_rep, stall_b, n_rep)
     rework = lost_len - kept_a - stall_a
     rework_by_cause = np.bincount(lost_rep * (C + 1) + lost_cause, rework, n_rep * (C + 1)).reshape(n_rep, C + 1)
-    down_by_cause = seg.down_by_cause[0]
-    count_by_cause = seg.count_by_cause[0]
+    down_by_cause = seg.joined("down_by_cause")
+    count_by_cause = seg.joined("count_by_cause")
     downtime = down_by_cause.sum(axis=1)
     goodput = useful / T
     interruptions = count_by_cause.sum(axis=1).astype(float)
