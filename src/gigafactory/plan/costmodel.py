@@ -1,0 +1,598 @@
+"""Analytical cost of one optimizer step of a `ModelSpec` under a `Layout` on a cluster. No torch import.
+
+What it models, and why each piece looks the way it does:
+- FLOPs come from `ModelSpec.flops_per_token` (the one source); the time model splits the same work into the
+  GEMM shapes one GPU runs (``T`` = tokens of one micro-batch on one context-parallel rank).
+- GEMM time is a roofline on the shape: max(FLOPs / (MAMF · peak), bytes / (achievable HBM bandwidth)). MAMF is a
+  published per-generation constant (hardware.py). Small or skinny GEMMs (few tokens per expert, tiny head dims)
+  become bandwidth-bound by themselves; nothing is fitted per model.
+- Elementwise work (norms, residual adds, activation functions, dropout, softmax without flash attention) is
+  memory-bound: bytes moved / achievable HBM bandwidth. Backward moves about twice the forward bytes.
+- Attention: flash attention (fused, causal half skipped) at a published kernel efficiency, or the unfused
+  QKᵀ / softmax / AV path of 2021-22 Megatron-LM with the s² score tensors written to HBM.
+- Communication: ring collectives (wire bytes 2(n−1)/n for all-reduce, (n−1)/n for all-gather/reduce-scatter),
+  hierarchical when a group spans nodes (NVLink inside, the NICs of the node in parallel across), plus a
+  latency term. What is hidden behind compute is set by the software `Stack`.
+- Pipeline: (m + (p−1)/v) slots of the slowest stage's micro-batch time (Narayanan et al. 2021, §2.2).
+- Memory: mixed-precision parameter/gradient/Adam bytes under the sharding, Korthikanti et al. 2022 activation
+  memory generalised to GQA, gated MoE experts and flash attention, times the micro-batches a schedule keeps in
+  flight, plus logits on the last stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gigafactory.specs.hardware import FabricSpec, GPUSpec, get_fabric
+from gigafactory.specs.layout import Layout
+from gigafactory.specs.model_spec import ModelSpec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the training software overlaps and fuses. One per software generation, never per run.
+
+    ``dp_overlap``: fraction of the backward (and, for FSDP gathers, forward) compute that can hide data-parallel
+    traffic. ``tp_overlap``: fraction of tensor-parallel traffic hidden (TE userbuffers / async TP).
+    """
+
+    name: str
+    flash_attention: bool
+    sequence_parallel: bool = True
+    dp_overlap: float = 1.0
+    tp_overlap: float = 0.0
+    pp_overlap: float = 0.0
+    reshard_after_forward: bool = True
+    grad_reduce_bytes: int = 4  # fp32 gradient reduction (torchtitan reduce_dtype, Megatron main grads)
+    dropout: bool = False
+    # replicated data parallelism shards the optimizer (Megatron-Core --use-distributed-optimizer, ZeRO-1):
+    # gradients are reduce-scattered, updated shards all-gathered as bf16 parameters.
+    distributed_optimizer: bool = False
+
+
+# Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
+# (fused scale-mask-softmax kernel, s² scores in HBM), dropout, gradient all-reduce after the backward pass
+# (no overlap), blocking TP all-reduces.
+MEGATRON_2021 = Stack("megatron-2021", flash_attention=False, dp_overlap=0.0, tp_overlap=0.0, dropout=True)
+# Megatron-Core 2024 / torchtitan: flash attention, gradient reduce-scatter and parameter all-gather overlapped
+# with compute (--overlap-grad-reduce / FSDP2 prefetch), TP communication still mostly on the critical path
+# (Megatron-Core's TP-comm overlap hides part of it: we take half).
+MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
+               distributed_optimizer=True)
+STACKS = {s.name: s for s in (MEGATRON_2021, MODERN)}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPUSpec
+    n_gpus: int
+    fabric: FabricSpec
+    gpus_per_node: int
+
+    @classmethod
+    def of(cls, gpu: GPUSpec, n_gpus: int, fabric: str | FabricSpec = "ib-ndr") -> Cluster:
+        fab = get_fabric(fabric) if isinstance(fabric, str) else fabric
+        # the NIC rate is the smaller of the GPU's NIC and the fabric's port speed
+        if gpu.nic_bw < fab.nic_bw:
+            fab = fab.model_copy(update={"nic_gbps": gpu.nic_bw * 8 / 1e9})
+        return cls(gpu=gpu, n_gpus=n_gpus, fabric=fab, gpus_per_node=min(gpu.nvlink_domain, n_gpus))
+
+
+@dataclass
+class StepCost:
+    layout: Layout
+    global_batch_seqs: int
+    seq_len: int
+    n_micro: int
+    step_time_s: float
+    compute_s: float
+    bubble_s: float
+    exposed_comm_s: dict[str, float]
+    comm_s: dict[str, float]
+    optimizer_s: float
+    memory: dict[str, float]
+    memory_capacity: float
+    model_flops_per_gpu: float
+    hw_flops_per_gpu: float
+    peak_flops: float
+    collective_bytes: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.global_batch_seqs * self.seq_len / self.step_time_s
+
+    @property
+    def model_tflops(self) -> float:
+        return self.model_flops_per_gpu / self.step_time_s / 1e12
+
+    @property
+    def hw_tflops(self) -> float:
+        return self.hw_flops_per_gpu / self.step_time_s / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops_per_gpu / self.step_time_s / self.peak_flops
+
+    @property
+    def hfu(self) -> float:
+        return self.hw_flops_per_gpu / self.step_time_s / self.peak_flops
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_total <= self.memory_capacity
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layout": self.layout.model_dump(),
+            "global_batch_seqs": self.global_batch_seqs,
+            "seq_len": self.seq_len,
+            "micro_batches_per_step": self.n_micro,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops,
+            "hw_tflops_per_gpu": self.hw_tflops,
+            "mfu": self.mfu,
+            "hfu": self.hfu,
+            "time_breakdown_s": {
+                "compute": self.compute_s,
+                "pipeline_bubble": self.bubble_s,
+                "optimizer": self.optimizer_s,
+                **{f"exposed_{k}": v for k, v in self.exposed_comm_s.items()},
+            },
+            "comm_time_s": self.comm_s,
+            "memory_bytes": self.memory,
+            "memory_total_bytes": self.memory_total,
+            "memory_capacity_bytes": self.memory_capacity,
+            "collective_bytes_per_rank_per_step": self.collective_bytes,
+            "notes": self.notes,
+        }
+
+
+# ---- formulas with hand-checkable forms ----------------------------------------------------------------------
+def ring_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], nbytes: float, n: int, bw: float,
+              latency_s: float = 0.0) -> float:
+    """Ring collective over ``n`` ranks of a ``nbytes`` tensor (full size) at ``bw`` bytes/s per rank."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    wire = nbytes * steps / n
+    return wire / bw + steps * latency_s
+
+
+def pipeline_bubble_fraction(pp: int, n_micro: int, virtual: int = 1) -> float:
+    """Idle time / ideal time of 1F1B or GPipe, (p−1)/(v·m) (Narayanan et al. 2021, eq. 1 and §2.2.2)."""
+    return (pp - 1) / (virtual * n_micro)
+
+
+def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1,
+                                 recompute: str = "none", sequence_parallel: bool = True) -> float:
+    """Activation bytes of one GPT layer (Korthikanti et al. 2022, Table 2), 16-bit, with dropout."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sequence_parallel else 1)
+    attn_scores = 0 if recompute == "selective" else 5 * a * s / h
+    if sequence_parallel:
+        return s * b * h / t * (34 + attn_scores)
+    return s * b * h * (10 + 24 / t + attn_scores / t)
+
+
+def state_bytes_per_param(shard: int, mode: Literal["ddp", "zero1", "zero2", "fsdp"] = "fsdp") -> float:
+    """Persistent bytes per parameter under mixed-precision Adam with fp32 master weights and fp32 gradients.
+
+    Components: bf16 working weights 2, fp32 gradients 4, fp32 master weights 4, Adam m and v 8.
+    ddp: nothing sharded (18). zero1 (Megatron distributed optimizer): master + Adam sharded (6 + 12/d).
+    zero2: gradients too (2 + 16/d). fsdp (ZeRO-3 / FSDP2): everything sharded, the bf16 copy is only gathered
+    per layer on the fly (16/d; the transient gather is counted separately).
+    """
+    d = max(shard, 1)
+    if mode == "ddp":
+        return 18.0
+    if mode == "zero1":
+        return 6 + 12 / d
+    if mode == "zero2":
+        return 2 + 16 / d
+    return 16 / d
+
+
+def state_split(shard: int, optimizer_shard: int = 1) -> dict[str, float]:
+    """`state_bytes_per_param` split into weights / gradients / optimizer: fsdp when shard > 1, else ddp, or
+    zero1 over ``optimizer_shard`` ranks (fp32 master weights count with the optimizer there)."""
+    if shard <= 1 and optimizer_shard > 1:
+        return {"weights": 2.0, "gradients": 4.0, "optimizer": 12 / optimizer_shard}
+    if shard <= 1:
+        return {"weights": 6.0, "gradients": 4.0, "optimizer": 8.0}
+    return {"weights": 4 / shard, "gradients": 4 / shard, "optimizer": 8 / shard}
+
+
+# ---- model pieces per GPU ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Parts:
+    """Parameter counts split by how they are sharded (from ModelSpec, not re-derived)."""
+
+    layer_dense: int  # per layer: attention, router, dense FFN, norms
+    layer_expert: int  # per layer: all experts
+    embed: int
+    head: int
+
+
+def _parts(spec: ModelSpec) -> _Parts:
+    layer_expert = spec.n_experts * spec.expert_params
+    layer_dense = spec.layer_params(spec.n_experts) - layer_expert
+    head = spec.embedding_params if spec.tie_embeddings else spec.head_params  # a tied head still runs a GEMM
+    return _Parts(layer_dense, layer_expert, spec.embedding_params, head)
+
+
+def _gemm_time(m: float, n: float, k: float, gpu: GPUSpec, count: float = 1.0) -> float:
+    """Roofline time of ``count`` (m×k)·(k×n) GEMMs in 16-bit."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    flops = 2 * m * n * k
+    nbytes = 2 * (m * k + k * n + m * n)
+    rate = gpu.matmul_eff * gpu.sustained_eff * gpu.bf16_dense_flops
+    return count * max(flops / rate, nbytes / (gpu.hbm_eff * gpu.hbm_bw))
+
+
+@dataclass(frozen=True)
+class _LayerTime:
+    fwd: float  # forward compute time of one layer for one micro-batch
+    bwd: float
+    recompute: float  # extra forward work redone in backward
+    attn_fwd_flops: float  # attention-core FLOPs of the forward (full square, as ModelSpec counts)
+
+
+def _layer_time(spec: ModelSpec, lay: Layout, gpu: GPUSpec, stack: Stack, seq: int) -> _LayerTime:
+    return _layer_time_cached(spec, lay.tp, lay.cp, lay.ep, lay.micro_batch, lay.recompute, gpu, stack, seq)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: int, recompute: str,
+                       gpu: GPUSpec, stack: Stack, seq: int) -> _LayerTime:
+    lay = Layout(tp=tp, cp=cp, ep=ep, micro_batch=micro_batch, recompute=recompute)  # type: ignore[arg-type]
+    t = lay.tp
+    T = lay.micro_batch * seq / lay.cp  # tokens on this rank (context parallel splits the sequence)
+    h = spec.d_model
+    q = spec.n_heads * spec.head_dim
+    kv = spec.n_kv_heads * spec.head_dim
+    heads = spec.n_heads / t
+    sp = t if stack.sequence_parallel else 1
+    gemm = _gemm_time(T, (q + 2 * kv) / t, h, gpu) + _gemm_time(T, h, q / t, gpu)
+    gemm += _gemm_time(T, spec.n_experts, h, gpu)  # router (replicated)
+    # routed experts: ep·T·k tokens land on the E experts of the EP group; each GPU holds E/ep of them
+    m_e = lay.ep * T * spec.top_k / spec.n_experts
+    f = spec.expert_ffn / t
+    local_experts = spec.n_experts / lay.ep
+    gemm += _gemm_time(m_e, f, h, gpu, 2 * local_experts) + _gemm_time(m_e, h, f, gpu, local_experts)
+    if spec.dense_ffn:
+        fd = spec.dense_ffn / t
+        gemm += _gemm_time(T, fd, h, gpu, 2) + _gemm_time(T, h, fd, gpu)
+    # attention core: QKᵀ and AV over the full key length
+    attn_flops = 4 * T * seq * heads * spec.head_dim
+    bw = gpu.hbm_eff * gpu.hbm_bw
+    if stack.flash_attention:
+        # causal: the kernel skips the upper triangle; attn_eff is measured fwd+bwd, so split 1:2.5 (FA2/FA3)
+        attn_total = 0.5 * attn_flops * 3.5 / (gpu.attn_eff * gpu.sustained_eff * gpu.bf16_dense_flops)
+        attn_fwd, attn_bwd = attn_total / 3.5, attn_total * 2.5 / 3.5
+        scores_bytes = 0.0
+    else:
+        b_heads = lay.micro_batch * heads
+        per = _gemm_time(T / lay.micro_batch, seq, spec.head_dim, gpu, b_heads)
+        attn_fwd = 2 * per
+        attn_bwd = 2 * attn_fwd
+        # scale+mask+softmax fused (read 2 B, write 2 B per score), dropout (read 2, write 2, mask 1)
+        scores_bytes = T * seq * heads * (4 + (5 if stack.dropout else 0))
+    # elementwise bytes per token, forward: norms read+write 4h each, residual add 6h (+3h dropout),
+    # activation functions read their inputs and write the output (gated: 2 in 1 out per routed copy).
+    norms = spec.norm_params_per_layer // h
+    token_bytes = (norms * 4 * h + 2 * (6 + (3 if stack.dropout else 0)) * h) / sp
+    token_bytes += 6 * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+    if spec.n_experts > 1:
+        token_bytes += 2 * 2 * spec.top_k * h / sp  # permute tokens to experts and back
+    elem = (T * token_bytes + scores_bytes) / bw
+    fwd = gemm + attn_fwd + elem
+    bwd = 2 * gemm + attn_bwd + 2 * elem
+    if lay.recompute == "full":
+        rec = fwd
+    elif lay.recompute == "selective":
+        rec = 0.0 if stack.flash_attention else attn_fwd + scores_bytes / bw
+    else:
+        rec = 0.0
+    return _LayerTime(fwd, bwd, rec, attn_flops)
+
+
+def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int) -> float:
+    """Activation bytes one layer keeps for one micro-batch on one GPU (Korthikanti et al. generalised)."""
+    t = lay.tp
+    sp = t if stack.sequence_parallel else 1
+    T = lay.micro_batch * seq / lay.cp
+    h = spec.d_model
+    q = spec.n_heads * spec.head_dim
+    kv = spec.n_kv_heads * spec.head_dim
+    if lay.recompute == "full":
+        return 2 * T * h / sp
+    norms = spec.norm_params_per_layer // h
+    drop = 1 if stack.dropout else 0
+    per_tok = norms * 2 * h / sp  # norm inputs
+    per_tok += (2 * h + drop * 2 * h) / sp  # QKV input, attention-output and MLP dropout masks
+    per_tok += (2 * q + 4 * kv + 2 * q) / t  # Q, K, V, output-projection input
+    if stack.flash_attention:
+        per_tok += 4 * spec.n_heads / t  # softmax log-sum-exp (fp32)
+    elif lay.recompute != "selective":
+        per_tok += 5 * spec.n_heads * seq / t  # scores, softmax, dropout mask + output (Korthikanti 5as/h)
+    # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy)
+    per_tok += spec.top_k * (2 * h / sp + 8 * spec.expert_ffn / t)
+    if spec.dense_ffn:
+        per_tok += 8 * spec.dense_ffn / t
+    if spec.n_experts > 1:
+        per_tok += 4 * spec.n_experts / sp  # router probabilities (fp32)
+    return T * per_tok
+
+
+def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+    if lay.pp == 1:
+        return 1.0
+    if lay.pp_schedule == "gpipe":
+        return float(n_micro)
+    if lay.pp_schedule == "interleaved":
+        # Korthikanti et al. 2022 §4.2.3: interleaving needs (1 + (p−1)/(p·v)) × the 1F1B memory
+        return min(float(n_micro), lay.pp * (1 + (lay.pp - 1) / (lay.pp * lay.pp_virtual)))
+    return float(min(lay.pp, n_micro))
+
+
+# ---- collectives ------------------------------------------------------------------------------------------
+def collective_bytes(
+    spec: ModelSpec,
+    layout: Layout,
+    global_batch_seqs: int,
+    seq_len: int,
+    dtype_bytes: int = 2,
+    grad_bytes: int = 4,
+    reshard_after_forward: bool = True,
+    sequence_parallel: bool = True,
+) -> dict[str, float]:
+    """Payload bytes per rank per optimizer step of each collective (see docs/plan.md for the convention).
+
+    all_gather = bytes of the gathered output tensor; reduce_scatter = bytes of the input tensor; all_reduce =
+    tensor bytes; all_to_all = input tensor bytes; send_recv = bytes sent. Assumptions (FSDP2 / torchtitan):
+    parameters are gathered in forward and again in backward when ``reshard_after_forward`` (one gather per
+    micro-batch otherwise); gradients are reduce-scattered once per step (gradient accumulation without sync)
+    in ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate. Figures are for the
+    busiest rank (a middle pipeline stage holding the largest share of layers).
+    """
+    lay = layout
+    dp = lay.dp
+    if global_batch_seqs % (dp * lay.micro_batch):
+        raise ValueError("global batch must be a multiple of dp × micro_batch")
+    n_micro = global_batch_seqs // (dp * lay.micro_batch)
+    parts = _parts(spec)
+    layers = math.ceil(spec.n_layers / lay.pp)
+    embed_stage = max(parts.embed, parts.head) if lay.pp > 1 else parts.embed + parts.head
+    dense_local = (layers * parts.layer_dense + embed_stage) / lay.tp
+    expert_local = layers * parts.layer_expert / (lay.tp * lay.ep)
+    out: dict[str, float] = {k: 0.0 for k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")}
+    shard = lay.dp_shard * lay.cp
+    if shard > 1:
+        gathers = 2 if reshard_after_forward else 1
+        exp_shard = shard // lay.ep
+        gathered = dense_local + (expert_local if exp_shard > 1 else 0.0)
+        out["all_gather"] += n_micro * gathers * gathered * dtype_bytes
+        out["reduce_scatter"] += gathered * grad_bytes
+        if lay.dp_replicate > 1:
+            out["all_reduce"] += (dense_local / shard + expert_local / max(exp_shard, 1)) * grad_bytes
+    elif lay.dp_replicate > 1:
+        out["all_reduce"] += (dense_local + expert_local) * grad_bytes
+    T = lay.micro_batch * seq_len / lay.cp
+    h = spec.d_model
+    act = T * h * dtype_bytes  # one full-sequence activation of this rank
+    if lay.tp > 1:
+        per_layer_fwd = 2  # attention block and FFN block
+        passes = 2 + (1 if lay.recompute == "full" else 0)  # fwd, bwd (+ recomputed fwd)
+        n = n_micro * layers * per_layer_fwd * passes
+        if sequence_parallel:
+            out["all_gather"] += n * act
+            out["reduce_scatter"] += n * act
+        else:
+            out["all_reduce"] += n * act
+    if lay.ep > 1:
+        tokens = act / (lay.tp if sequence_parallel else 1)
+        # dispatch and combine in forward and again in backward (+ forward again under full recompute)
+        passes = 2 + (1 if lay.recompute == "full" else 0)
+        out["all_to_all"] += n_micro * layers * 2 * passes * spec.top_k * tokens
+    if lay.cp > 1:
+        kv_bytes = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * dtype_bytes
+        # ring attention: the local K,V chunk travels cp−1 hops forward; backward sends K,V and their grads
+        out["send_recv"] += n_micro * layers * (lay.cp - 1) * kv_bytes * (1 + 2)
+    if lay.pp > 1:
+        boundary = act / (lay.tp if sequence_parallel else 1)
+        out["send_recv"] += n_micro * lay.pp_virtual * 2 * boundary  # activations forward, gradients backward
+    return {k: v for k, v in out.items() if v}
+
+
+# ---- the step ---------------------------------------------------------------------------------------------
+def _hier_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], nbytes: float, n: int, in_node: int,
+               cluster: Cluster) -> float:
+    """Hierarchical collective over n ranks, ``in_node`` of them per node: NVLink ring, then the node's NICs."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    gpu, fab = cluster.gpu, cluster.fabric
+    g = max(1, min(in_node, n))
+    nodes = n // g
+    t = ring_time(kind, nbytes, g, gpu.nvlink_bw * gpu.nvlink_eff, 2e-6)
+    if nodes > 1:
+        # each of the g local ranks drives its own NIC with 1/g of the data; NCCL trees keep latency ~ log n
+        t += ring_time(kind, nbytes / g, nodes, fab.nic_bw * fab.efficiency)
+        t += fab.latency_s * 2 * math.log2(nodes)
+    return t
+
+
+def estimate(
+    spec: ModelSpec,
+    layout: Layout,
+    cluster: Cluster,
+    global_batch_seqs: int,
+    seq_len: int,
+    stack: Stack = MODERN,
+    with_bytes: bool = True,
+) -> StepCost:
+    """Predict one optimizer step. ``global_batch_seqs`` must be a multiple of dp × micro_batch."""
+    lay = layout
+    gpu = cluster.gpu
+    dp = lay.dp
+    n_micro = max(1, global_batch_seqs // (dp * lay.micro_batch))
+    parts = _parts(spec)
+    layers = math.ceil(spec.n_layers / lay.pp)  # layers of the busiest stage
+    T = lay.micro_batch * seq_len / lay.cp
+    per_node = cluster.gpus_per_node
+    nv_bw = gpu.nvlink_bw * gpu.nvlink_eff
+    nic_bw = cluster.fabric.nic_bw * cluster.fabric.efficiency
+    notes: list[str] = []
+
+    # ---- compute per micro-batch on the slowest stage
+    lt = _layer_time(spec, lay, gpu, stack, seq_len)
+    head = _gemm_time(T, spec.vocab_size / lay.tp, spec.d_model, gpu)
+    head_t = 3 * head + T * spec.vocab_size / lay.tp * 12 / (gpu.hbm_eff * gpu.hbm_bw)  # + fp32 softmax/loss
+    if lay.pp == 1:
+        stage_layers_t = spec.n_layers * (lt.fwd + lt.bwd + lt.recompute) + head_t
+    else:
+        stage_layers_t = layers * (lt.fwd + lt.bwd + lt.recompute) + head_t  # last stage also runs the head
+
+    # ---- per-micro-batch communication inside the stage
+    act = T * spec.d_model * 2
+    comm: dict[str, float] = {}
+    exposed: dict[str, float] = {}
+    passes = 2 + (1 if lay.recompute == "full" else 0)
+    if lay.tp > 1:
+        tp_bw = nv_bw if lay.tp <= per_node else nic_bw
+        one = ring_time("all_reduce", act, lay.tp, tp_bw, 3e-6)
+        comm["tp"] = n_micro * layers * 2 * passes * one
+        exposed["tp"] = comm["tp"] * (1 - stack.tp_overlap)
+    if lay.ep > 1:
+        sp = lay.tp if stack.sequence_parallel else 1
+        send = spec.top_k * act / sp * (lay.ep - 1) / lay.ep
+        ep_in_node = max(1, min(lay.ep, per_node // min(lay.tp, per_node)))
+        off = (lay.ep - ep_in_node) / lay.ep / ((lay.ep - 1) / lay.ep)
+        one = max(send * (1 - off) / nv_bw, send * off / nic_bw) + cluster.fabric.latency_s * math.log2(lay.ep)
+        comm["ep"] = n_micro * layers * 2 * passes * one
+        exposed["ep"] = comm["ep"]  # dispatch/combine sit between attention and experts: on the critical path
+    if lay.cp > 1:
+        kv = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * 2
+        cp_in_node = per_node // min(lay.tp, per_node) >= lay.cp
+        one = (lay.cp - 1) * kv / (nv_bw if cp_in_node else nic_bw)
+        attn_t = lt.attn_fwd_flops / (gpu.attn_eff * gpu.bf16_dense_flops)
+        comm["cp"] = n_micro * layers * 3 * one
+        exposed["cp"] = n_micro * layers * 3 * max(0.0, one - attn_t)  # ring attention hides hops behind blocks
+    if lay.pp > 1:
+        sp = lay.tp if stack.sequence_parallel else 1
+        one = act / sp / nic_bw + cluster.fabric.latency_s
+        comm["pp"] = n_micro * lay.pp_virtual * 2 * one
+        exposed["pp"] = comm["pp"] * (1 - stack.pp_overlap)
+
+    inner_exposed = sum(exposed.values())
+    mb_time = stage_layers_t + inner_exposed / n_micro
+    slots = n_micro + (lay.pp - 1) / lay.pp_virtual
+    compute_s = n_micro * stage_layers_t
+    bubble_s = (slots - n_micro) * mb_time
+
+    # ---- data parallel / FSDP
+    shard = lay.dp_shard * lay.cp
+    layers_local = layers if lay.pp > 1 else spec.n_layers
+    embed_stage = max(parts.embed, parts.head) if lay.pp > 1 else parts.embed + parts.head
+    dense_local = (layers_local * parts.layer_dense + embed_stage) / lay.tp
+    expert_local = layers_local * parts.layer_expert / (lay.tp * lay.ep)
+    local_params = dense_local + expert_local
+    tp_in = min(lay.tp, per_node)
+    dp_in_node = max(1, per_node // tp_in)
+    dp_t = 0.0
+    gather_t = 0.0
+    if shard > 1:
+        exp_shard = max(1, shard // lay.ep)
+        in_node = min(shard, dp_in_node)
+        gathers = 2 if stack.reshard_after_forward else 1
+        gather_t = gathers * (_hier_time("all_gather", dense_local * 2, shard, in_node, cluster)
+                              + _hier_time("all_gather", expert_local * 2, exp_shard, min(exp_shard, in_node),
+                                           cluster))
+        dp_t += _hier_time("reduce_scatter", dense_local * stack.grad_reduce_bytes, shard, in_node, cluster)
+        dp_t += _hier_time("reduce_scatter", expert_local * stack.grad_reduce_bytes, exp_shard,
+                           min(exp_shard, in_node), cluster)
+        if lay.dp_replicate > 1:
+            rep_in = max(1, dp_in_node // shard)
+            dp_t += _hier_time("all_reduce", local_params / shard * stack.grad_reduce_bytes, lay.dp_replicate,
+                               rep_in, cluster)
+    elif lay.dp_replicate > 1 and stack.distributed_optimizer:
+        rep_in = min(lay.dp_replicate, dp_in_node)
+        dp_t += _hier_time("reduce_scatter", local_params * stack.grad_reduce_bytes, lay.dp_replicate, rep_in,
+                           cluster)
+        dp_t += _hier_time("all_gather", local_params * 2, lay.dp_replicate, rep_in, cluster)
+    elif lay.dp_replicate > 1:
+        dp_t += _hier_time("all_reduce", local_params * stack.grad_reduce_bytes, lay.dp_replicate,
+                           min(lay.dp_replicate, dp_in_node), cluster)
+    comm["dp_grads"] = dp_t
+    comm["fsdp_gather"] = n_micro * gather_t
+    # gathers prefetch behind each micro-batch's compute; the gradient reduction hides behind the last
+    # micro-batch's backward (all of it without pipelining when there is one micro-batch); the first layer's
+    # gather and the last layer's reduction can never hide.
+    edge = 1 / max(layers_local, 1)
+    mb_bwd = stage_layers_t * 2 / 3
+    exposed["fsdp_gather"] = n_micro * max(gather_t * edge, gather_t - stack.dp_overlap * stage_layers_t)
+    exposed["dp_grads"] = max(dp_t * edge, dp_t - stack.dp_overlap * mb_bwd)
+    if not stack.dp_overlap:
+        exposed["fsdp_gather"] = n_micro * gather_t
+        exposed["dp_grads"] = dp_t
+
+    # ---- optimizer: Adam streams fp32 master, grads, m, v (read 16 B, write 12 B) + bf16 copy (2 B)
+    opt_shard = lay.dp_replicate if (shard == 1 and stack.distributed_optimizer) else 1
+    opt_params = (dense_local / shard + expert_local / max(1, shard // lay.ep)) / opt_shard
+    optimizer_s = opt_params * 30 / (gpu.hbm_eff * gpu.hbm_bw)
+
+    step = slots * mb_time + exposed["fsdp_gather"] + exposed["dp_grads"] + optimizer_s
+    # ---- FLOPs per GPU (model flops from ModelSpec; hardware adds recomputed forward work)
+    tokens = global_batch_seqs * seq_len
+    model_flops = spec.flops_per_token(seq_len) * tokens / cluster.n_gpus
+    layer_fwd_flops_per_tok = 2 * (spec.matmul_params_active - spec.embedding_params) + \
+        spec.attention_flops_per_token(seq_len) / 3
+    if lay.recompute == "full":
+        extra = layer_fwd_flops_per_tok
+    elif lay.recompute == "selective" and not stack.flash_attention:
+        extra = spec.attention_flops_per_token(seq_len) / 3
+    else:
+        extra = 0.0
+    hw_flops = model_flops + extra * tokens / cluster.n_gpus
+
+    # ---- memory on the busiest GPU (first stage: most in-flight micro-batches)
+    exp_shard = max(1, shard // lay.ep)
+    mem = {k: dense_local * v for k, v in state_split(shard, opt_shard).items()}
+    for k, v in state_split(exp_shard, opt_shard).items():
+        mem[k] += expert_local * v
+    if shard > 1:
+        per_layer = (parts.layer_dense + parts.layer_expert / lay.ep) / lay.tp
+        mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
+    act_layer = layer_activation_bytes(spec, lay, stack, seq_len)
+    in_flight = in_flight_microbatches(lay, n_micro)
+    act = layers_local * act_layer * in_flight
+    if lay.recompute == "full":
+        full = lay.model_copy(update={"recompute": "none"})
+        act += layer_activation_bytes(spec, full, stack, seq_len)  # one layer rebuilt during backward
+    mem["activations"] = act
+    mem["logits"] = T * spec.vocab_size / lay.tp * (2 + 4 + 4)  # bf16 logits, fp32 softmax and its grad
+    capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
+    if lay.pp > 1 and n_micro < lay.pp:
+        notes.append(f"only {n_micro} micro-batches for {lay.pp} stages: the pipeline is mostly bubble")
+
+    cb = collective_bytes(spec, lay, n_micro * dp * lay.micro_batch, seq_len,
+                          grad_bytes=stack.grad_reduce_bytes, reshard_after_forward=stack.reshard_after_forward,
+                          sequence_parallel=stack.sequence_parallel) if with_bytes else {}
+    return StepCost(
+        layout=lay, global_batch_seqs=n_micro * dp * lay.micro_batch, seq_len=seq_len, n_micro=n_micro,
+        step_time_s=step, compute_s=compute_s, bubble_s=bubble_s, exposed_comm_s=exposed, comm_s=comm,
+        optimizer_s=optimizer_s, memory=mem, memory_capacity=capacity, model_flops_per_gpu=model_flops,
+        hw_flops_per_gpu=hw_flops, peak_flops=gpu.bf16_dense_flops, collective_bytes=cb, notes=notes,
+    )

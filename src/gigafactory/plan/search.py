@@ -1,0 +1,172 @@
+"""Enumerate every valid layout for a model on a cluster, drop those that do not fit, rank the rest."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gigafactory.errors import UserError
+from gigafactory.plan.costmodel import MODERN, Cluster, Stack, StepCost, estimate
+from gigafactory.specs.layout import Layout
+from gigafactory.specs.model_spec import ModelSpec
+
+MICRO_BATCHES = (1, 2, 4, 8)
+CP_DEGREES = (1, 2, 4, 8, 16, 32)
+VIRTUAL = (2, 4)
+
+
+@dataclass
+class SearchResult:
+    ranked: list[StepCost]
+    evaluated: int
+    fitting: int
+    seconds: float
+    leanest: StepCost | None  # smallest memory among all evaluated (to explain "nothing fits")
+    rank_by: str
+    why: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> StepCost:
+        return self.ranked[0]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _shard_options(dp: int, per_node_dp: int) -> list[int]:
+    """FSDP shard-group sizes worth trying: none (DDP/ZeRO-1), a node, powers of two, and all of dp (FSDP)."""
+    opts = {1, dp}
+    d = max(per_node_dp, 2)
+    while d < dp:
+        if dp % d == 0:
+            opts.add(d)
+        d *= 2
+    return sorted(opts)
+
+
+def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: Stack = MODERN,
+                      recomputes: tuple[str, ...] = ("none", "selective", "full"),
+                      ) -> Iterator[Layout]:
+    n = cluster.n_gpus
+    per_node = cluster.gpus_per_node
+    heads_gcd = math.gcd(spec.n_heads, spec.n_kv_heads)
+    recs = [r for r in recomputes if not (r == "selective" and stack.flash_attention)]  # same as none then
+    for tp in _divisors(heads_gcd):
+        if tp > per_node or n % tp:
+            continue
+        for pp in _divisors(spec.n_layers):
+            if (n // tp) % pp:
+                continue
+            for cp in CP_DEGREES:
+                if (n // (tp * pp)) % cp or seq_len % (2 * cp) or (cp > 1 and seq_len // cp < 1024):
+                    continue
+                dp = n // (tp * pp * cp)
+                for shard in _shard_options(dp, max(1, per_node // tp)):
+                    for ep in _divisors(spec.n_experts):
+                        if (shard * cp) % ep:
+                            continue
+                        scheds: list[tuple[str, int]] = [("1f1b", 1)] if pp > 1 else [("1f1b", 1)]
+                        if pp > 1:
+                            scheds += [("interleaved", v) for v in VIRTUAL if spec.n_layers % (pp * v) == 0]
+                        for sched, v in scheds:
+                            for mb in MICRO_BATCHES:
+                                for rec in recs:
+                                    yield Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep,
+                                                 cp=cp, micro_batch=mb, recompute=rec,  # type: ignore[arg-type]
+                                                 pp_schedule=sched, pp_virtual=v)  # type: ignore[arg-type]
+
+
+def search(
+    spec: ModelSpec,
+    cluster: Cluster,
+    global_batch_tokens: float,
+    seq_len: int,
+    stack: Stack = MODERN,
+    rank_by: Literal["time", "cost"] = "time",
+    max_batch_factor: float = 2.0,
+    top: int = 5,
+    progress: Callable[[int], None] | None = None,
+) -> SearchResult:
+    """Evaluate every layout; keep those that fit; rank by step time per token (or $ per token).
+
+    The global batch is a target: each layout rounds it up to a multiple of dp × micro_batch (× pp for the
+    interleaved schedule) and is dropped when that exceeds ``max_batch_factor`` × the target, since a batch
+    far above the target changes the optimisation, not only the speed.
+    """
+    if seq_len > spec.max_seq_len:
+        raise UserError(f"seq_len={seq_len} exceeds the model's context {spec.max_seq_len}")
+    target = max(1, round(global_batch_tokens / seq_len))
+    t0 = time.perf_counter()
+    ranked: list[StepCost] = []
+    leanest: StepCost | None = None
+    evaluated = 0
+    for lay in enumerate_layouts(spec, cluster, seq_len, stack):
+        unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule == "interleaved" else 1)
+        gbs = math.ceil(target / unit) * unit
+        if gbs > max_batch_factor * target:
+            continue
+        evaluated += 1
+        if progress and evaluated % 256 == 0:
+            progress(256)
+        cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False)
+        if leanest is None or cost.memory_total < leanest.memory_total:
+            leanest = cost
+        if cost.fits:
+            ranked.append(cost)
+    ranked.sort(key=lambda c: c.step_time_s / (c.global_batch_seqs * c.seq_len))
+    if rank_by == "cost":  # with one GPU type and count, $/token follows time/token; ties go to smaller batch
+        ranked.sort(key=lambda c: (round(c.step_time_s / (c.global_batch_seqs * c.seq_len), 15),
+                                   c.global_batch_seqs))
+    result = SearchResult(ranked=ranked, evaluated=evaluated, fitting=len(ranked),
+                          seconds=time.perf_counter() - t0, leanest=leanest, rank_by=rank_by)
+    if ranked:
+        result.why = explain(ranked)
+        # recompute the per-collective byte counts only for the layouts we show
+        result.ranked = [estimate(spec, c.layout, cluster, c.global_batch_seqs, seq_len, stack)
+                         for c in ranked[:top]] + ranked[top:]
+    return result
+
+
+def _per_token(c: StepCost) -> float:
+    return c.step_time_s / (c.global_batch_seqs * c.seq_len)
+
+
+def _parts(c: StepCost) -> dict[str, float]:
+    out = {"compute": c.compute_s, "pipeline bubble": c.bubble_s, "optimizer": c.optimizer_s}
+    for k, v in c.exposed_comm_s.items():
+        out[f"exposed {k} comm"] = v
+    tokens = c.global_batch_seqs * c.seq_len
+    return {k: v / tokens for k, v in out.items()}
+
+
+def explain(ranked: list[StepCost]) -> list[str]:
+    """Say why the winner wins: against the best layout of each other family, which time terms differ."""
+    best = ranked[0]
+    lines = [
+        f"winner {best.layout.short()}: {best.mfu:.1%} MFU, step {best.step_time_s:.2f} s for "
+        f"{best.global_batch_seqs} sequences, {best.memory_total / 1e9:.0f} of {best.memory_capacity / 1e9:.0f} GB"
+    ]
+    families: dict[str, StepCost] = {}
+    for c in ranked[1:]:
+        lay = c.layout
+        key = f"tp={lay.tp},pp={lay.pp},cp={lay.cp},ep={lay.ep},shard={'none' if lay.dp_shard == 1 else lay.dp_shard}"
+        bl = best.layout
+        if (lay.tp, lay.pp, lay.cp, lay.ep, lay.dp_shard) == (bl.tp, bl.pp, bl.cp, bl.ep, bl.dp_shard):
+            key = f"same degrees, mb={lay.micro_batch}, recompute={lay.recompute}"
+        families.setdefault(key, c)
+    bp = _parts(best)
+    for _, c in list(families.items())[:4]:
+        cp_ = _parts(c)
+        diffs = sorted(((cp_.get(k, 0) - bp.get(k, 0)) / _per_token(best), k) for k in set(bp) | set(cp_))
+        worse = [f"{k} +{d:.0%}" for d, k in reversed(diffs) if d > 0.01][:2]
+        better = [f"{k} {d:.0%}" for d, k in diffs if d < -0.01][:1]
+        slower = _per_token(c) / _per_token(best) - 1
+        why = ", ".join(worse) or "about equal"
+        lines.append(f"vs {c.layout.short()}: {slower:+.1%} time/token ({why}"
+                     + (f"; it saves {better[0]}" if better else "") + ")")
+    return lines
