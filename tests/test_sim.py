@@ -291,6 +291,8 @@ def test_estimate_goodput_is_fast_and_consistent() -> None:
     assert estimate_goodput(100_000, checkpoint_cost_s=60, restart_s=300) == est
     # Cheaper checkpoints and faster restarts can only help.
     assert estimate_goodput(100_000, checkpoint_cost_s=10, restart_s=60).goodput_mean > est.goodput_mean
+    # Any SimConfig field can be overridden; async saves with a 5 s stall beat 60 s blocking ones.
+    assert estimate_goodput(100_000, 60, 300, checkpoint_mode="async").goodput_mean > est.goodput_mean + 0.02
 
 
 def test_sim_does_not_import_torch() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from gigafactory.errors import UserError
@@ -49,6 +50,28 @@ def estimate_goodput(
     what Young/Daly's C means; pass `checkpoint_mode="async"` (and `checkpoint_stall_s`) to model async saves.
     Any other `SimConfig` field can be overridden by keyword. Takes tens of milliseconds at 100k GPUs.
     """
+    if overrides:  # may hold unhashable values (a failure model), so not cached
+        return _estimate(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, overrides)
+    return _estimate_cached(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed)
+
+
+@lru_cache(maxsize=256)
+def _estimate_cached(
+    n_gpus: int, checkpoint_cost_s: float, restart_s: float | None, days: float, replicas: int, seed: int
+) -> GoodputEstimate:
+    # Deterministic in its arguments, and a layout search may ask about the same GPU count many times.
+    return _estimate(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, {})
+
+
+def _estimate(
+    n_gpus: int,
+    checkpoint_cost_s: float,
+    restart_s: float | None,
+    days: float,
+    replicas: int,
+    seed: int,
+    overrides: dict[str, Any],
+) -> GoodputEstimate:
     kwargs: dict[str, Any] = {
         "gpus": n_gpus,
         "days": days,
