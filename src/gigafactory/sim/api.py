@@ -50,17 +50,26 @@ def estimate_goodput(
     what Young/Daly's C means; pass `checkpoint_mode="async"` (and `checkpoint_stall_s`) to model async saves.
     Any other `SimConfig` field can be overridden by keyword. Takes tens of milliseconds at 100k GPUs.
     """
-    if overrides:  # may hold unhashable values (a failure model), so not cached
+    frozen = tuple(sorted(overrides.items()))
+    try:
+        hash(frozen)
+    except TypeError:  # e.g. a failure model (a list): not cacheable
         return _estimate(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, overrides)
-    return _estimate_cached(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed)
+    return _estimate_cached(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, frozen)
 
 
 @lru_cache(maxsize=256)
 def _estimate_cached(
-    n_gpus: int, checkpoint_cost_s: float, restart_s: float | None, days: float, replicas: int, seed: int
+    n_gpus: int,
+    checkpoint_cost_s: float,
+    restart_s: float | None,
+    days: float,
+    replicas: int,
+    seed: int,
+    frozen: tuple[tuple[str, Any], ...],
 ) -> GoodputEstimate:
     # Deterministic in its arguments, and a layout search may ask about the same GPU count many times.
-    return _estimate(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, {})
+    return _estimate(n_gpus, checkpoint_cost_s, restart_s, days, replicas, seed, dict(frozen))
 
 
 def _estimate(
