@@ -23,20 +23,19 @@ DEFAULT_RESTART_S = 300.0
 
 
 def expected_goodput(n_gpus: int, checkpoint_cost_s: float, restart_s: float) -> tuple[float, str]:
-    """Fraction of wall time that trains, closed form (the simulator will replace this body).
+    """Fraction of wall time that trains, from the reliability simulator (`gigafactory.sim.estimate_goodput`).
 
-    MTBF of the job scales as 1/n_gpus from Llama 3's rate. Checkpoint every τ = √(2·C·M) (Young 1974 / Daly
-    2006); the waste per unit time is C/τ (checkpointing) + (τ/2 + R)/M (lost work and restart per failure).
+    Monte Carlo over the Llama 3 failure model scaled to n_gpus, blocking checkpoints of `checkpoint_cost_s` at the
+    best simulated interval, planned maintenance and hot spares included. `restart_s` here already covers
+    detection, node swap and restart, so the simulator's separate detection time is set to zero. Cached.
     """
-    mtbf = LLAMA3_DAYS * 86400 * LLAMA3_GPUS / (LLAMA3_INTERRUPTIONS * max(n_gpus, 1))
-    c = max(checkpoint_cost_s, 1e-9)
-    tau = math.sqrt(2 * c * mtbf)
-    waste = c / tau + (tau / 2 + restart_s) / mtbf
-    goodput = max(0.0, 1.0 - waste)
-    src = (f"closed form: Young/Daly interval {tau / 60:.1f} min, job MTBF {mtbf / 3600:.2f} h scaled from Llama 3 "
-           f"({LLAMA3_INTERRUPTIONS} interruptions / {LLAMA3_DAYS} days / {LLAMA3_GPUS:,} GPUs), checkpoint "
-           f"{checkpoint_cost_s:.0f} s, restart {restart_s:.0f} s")
-    return goodput, src
+    from gigafactory.sim import estimate_goodput
+
+    est = estimate_goodput(max(n_gpus, 1), max(checkpoint_cost_s, 0.0), max(restart_s, 0.0), detection_s=0.0)
+    lo, hi = est.goodput_ci95
+    src = (f"simulated ({est.source}; 95% CI {lo:.1%} to {hi:.1%}), checkpoint {checkpoint_cost_s:.0f} s, "
+           f"restart {restart_s:.0f} s")
+    return est.goodput_mean, src
 
 
 @dataclass
