@@ -28,6 +28,7 @@ def _register() -> None:
         "gigafactory.specs.commands",
         "gigafactory.train.commands",
         "gigafactory.sim.commands",
+        "gigafactory.plan.commands",
     ):
         importlib.import_module(module).register(app)
 

@@ -1,0 +1,269 @@
+"""`gigafactory plan` and `gigafactory validate-plan`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gigafactory.errors import UserError
+from gigafactory.plan.campaign import DEFAULT_CHECKPOINT_S, DEFAULT_RESTART_S, campaign
+from gigafactory.plan.costmodel import GIB, STACKS, Cluster, StepCost, estimate
+from gigafactory.plan.search import SearchResult, search
+from gigafactory.specs import hardware
+from gigafactory.specs.layout import Layout
+from gigafactory.specs.model_spec import load_spec
+
+# Seed scenario defaults. Token budget 15T: Llama 3's pre-training budget (arXiv:2407.21783); Grok-2's is not
+# public. Global batch 64M tokens: DeepSeek-V3's final batch, 15,360 × 4,096 tokens (arXiv:2412.19437 §4.2), the
+# scale a 100k-GPU run needs to give every data-parallel rank work. Sequence length 8,192 for pre-training.
+DEFAULT_TOKENS = "15T"
+DEFAULT_BATCH = "64M"
+SWEEP = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
+
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
+    if not m:
+        raise UserError(f"{what} {text!r} is not a number like 15T, 64M or 2e9")
+    value = float(m.group(1)) * _SUFFIX[m.group(2)]
+    if value <= 0:
+        raise UserError(f"{what} must be positive")
+    return value
+
+
+def _no_fit_message(spec_name: str, res: SearchResult, run: Any) -> str:
+    lean = res.leanest
+    need = (lean.memory_total + GIB) / 0.92 / 1e9 if lean else float("nan")
+    more = ""
+    for factor in (2, 4, 8, 16, 32, 64):
+        if run(factor).ranked:
+            more = f" or at least {factor}× the GPUs ({run.n * factor:,})"
+            break
+    leanest = lean.layout.short() if lean else "-"
+    return (f"no layout of {spec_name} fits in {run.gpu.hbm_bytes / 1e9:.0f} GB per GPU on {run.n:,} GPUs; the "
+            f"leanest ({leanest}) needs {need:.0f} GB per GPU: use GPUs with ≥ {need:.0f} GB{more}")
+
+
+class _Runner:
+    def __init__(self, spec: Any, gpu: hardware.GPUSpec, n: int, fabric: str, batch: float, seq: int,
+                 stack: Any, rank: str) -> None:
+        self.spec, self.gpu, self.n, self.fabric = spec, gpu, n, fabric
+        self.batch, self.seq, self.stack, self.rank = batch, seq, stack, rank
+
+    def __call__(self, factor: int = 1, n: int | None = None) -> SearchResult:
+        count = n if n is not None else self.n * factor
+        return search(self.spec, Cluster.of(self.gpu, count, self.fabric), self.batch, self.seq, self.stack,
+                      rank_by=self.rank)  # type: ignore[arg-type]
+
+
+def plan(
+    model: str = typer.Option("grok-2", help="preset (grok-1, grok-2, tiny, small) or a .toml/.json spec"),
+    gpus: int = typer.Option(100_000, min=1, help="number of GPUs"),
+    gpu: str = typer.Option("h100-sxm", help=f"GPU type: {', '.join(hardware.GPUS)}"),
+    fabric: str = typer.Option("spectrum-x", help=f"scale-out fabric: {', '.join(hardware.FABRICS)}"),
+    tokens: str = typer.Option(DEFAULT_TOKENS, help="training tokens (15T, 2e12...)"),
+    global_batch: str = typer.Option(DEFAULT_BATCH, help="target global batch in tokens (rounded per layout)"),
+    seq_len: int = typer.Option(8192, min=1, help="training sequence length"),
+    layout: str | None = typer.Option(None, help="evaluate this layout instead of searching, e.g. 'dp_shard=8,tp=8'"),
+    rank: str = typer.Option("time", help="rank layouts by time or cost"),
+    top: int = typer.Option(5, min=1, help="layouts to show"),
+    stack: str = typer.Option("modern", help=f"software stack assumptions: {', '.join(STACKS)}"),
+    checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, help="blocking seconds per checkpoint"),
+    restart_s: float = typer.Option(DEFAULT_RESTART_S, help="seconds to detect a failure and restart"),
+    catalog: Path | None = typer.Option(None, help="TOML/JSON file overriding hardware/site values"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    report: Path | None = typer.Option(None, help="write a self-contained HTML report here"),
+    export: Path | None = typer.Option(None, help="write plan.json, torchrun.sh, train.sbatch, pytorchjob.yaml here"),
+) -> None:
+    """Plan a training run: layout, step time, MFU, memory, days, megawatts and dollars."""
+    if catalog:
+        hardware.load_catalog(catalog)
+    if rank not in ("time", "cost"):
+        raise UserError(f"--rank {rank!r}: use time or cost")
+    if stack not in STACKS:
+        raise UserError(f"unknown --stack {stack!r}; use {', '.join(STACKS)}")
+    spec = load_spec(model)
+    g = hardware.get_gpu(gpu)
+    hardware.get_fabric(fabric)
+    n_tokens = parse_count(tokens, "--tokens")
+    batch = parse_count(global_batch, "--global-batch")
+    if seq_len > spec.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds {spec.name}'s context {spec.max_seq_len}")
+    st = STACKS[stack]
+    run = _Runner(spec, g, gpus, fabric, batch, seq_len, st, rank)
+    cluster = Cluster.of(g, gpus, fabric)
+    why: list[str] = []
+    result: SearchResult | None = None
+    if layout:
+        lay = Layout.parse(layout).validate(spec, gpus, cluster.gpus_per_node)
+        seqs = max(1, round(batch / seq_len))
+        unit = lay.dp * lay.micro_batch
+        best = estimate(spec, lay, cluster, -(-seqs // unit) * unit, seq_len, st)
+        if not best.fits:
+            raise UserError(f"layout {lay.short()} needs {best.memory_total / 1e9:.0f} GB per GPU but "
+                            f"{g.name} has {best.memory_capacity / 1e9:.0f} GB usable; raise dp_shard/tp/pp or "
+                            f"use recompute=full")
+        shown = [best]
+    else:
+        result = run()
+        if not result.ranked:
+            raise UserError(_no_fit_message(spec.name, result, run))
+        best = result.best
+        shown = result.ranked[:top]
+        why = result.why
+    site = hardware.get_site()
+    camp = campaign(best, g, gpus, n_tokens, site, checkpoint_s, restart_s)
+
+    out: dict[str, Any] = {
+        "model": spec.name, "params_total": spec.params_total, "params_active": spec.params_active,
+        "gpu": g.name, "n_gpus": gpus, "fabric": fabric, "stack": st.name, "tokens": n_tokens,
+        "target_global_batch_tokens": batch,
+        "best": best.to_dict(), "campaign": camp.to_dict(),
+        "top": [c.to_dict() for c in shown], "why": why,
+    }
+    if result is not None:
+        out["search"] = {"evaluated": result.evaluated, "fitting": result.fitting, "seconds": result.seconds}
+
+    written: list[Path] = []
+    if export:
+        from gigafactory.plan.launch import train_config, write_launch_files
+
+        written = write_launch_files(export, train_config(spec, best, g, gpus, n_tokens, camp))
+        out["launch_files"] = [str(p) for p in written]
+    if report:
+        _write_report(report, spec, g, run, best, camp, why, out)
+        out["report"] = str(report)
+    if as_json:
+        print(json.dumps(out, indent=2, default=float))
+        return
+    _print(out, best, camp, shown, why, result, written, report)
+
+
+def _sweep(run: _Runner, counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    from rich.progress import Progress
+
+    site = hardware.get_site()
+    points = []
+    with Progress(transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("sweeping GPU counts", total=len(counts))
+        for n in counts:
+            res = run(n=n)
+            if res.ranked:
+                c = res.best
+                camp = campaign(c, run.gpu, n, 15e12, site)
+                points.append({"n_gpus": n, "mfu": c.mfu, "days": camp.days, "layout": c.layout.short()})
+            bar.advance(task)
+    return points
+
+
+def _write_report(path: Path, spec: Any, g: hardware.GPUSpec, run: _Runner, best: StepCost, camp: Any,
+                  why: list[str], out: dict[str, Any]) -> None:
+    from gigafactory.plan.report import render
+
+    counts = tuple(sorted(set(SWEEP) | {run.n}))
+    sweep = _sweep(run, counts)
+    for p in sweep:  # report days for the user's token budget
+        p["days"] *= camp.tokens / 15e12
+    rows = [(k, v) for k, v in _summary(out, best, camp)]
+    title = f"gigafactory plan: {spec.name} on {run.n:,} × {g.name}"
+    path.write_text(render(title, best, camp, sweep, why, rows), encoding="utf-8")
+
+
+def _summary(out: dict[str, Any], best: StepCost, camp: Any) -> list[tuple[str, str]]:
+    return [
+        ("model", f"{out['model']} ({out['params_total'] / 1e9:.1f} B total, "
+                  f"{out['params_active'] / 1e9:.1f} B active)"),
+        ("cluster", f"{out['n_gpus']:,} × {out['gpu']} on {out['fabric']}"),
+        ("layout", best.layout.short()),
+        ("global batch", f"{best.global_batch_seqs:,} × {best.seq_len:,} tokens ({best.n_micro} micro-batches)"),
+        ("step time", f"{best.step_time_s:.2f} s"),
+        ("tokens/s", f"{best.tokens_per_s:,.0f}"),
+        ("TFLOP/s per GPU", f"{best.model_tflops:.0f} model, {best.hw_tflops:.0f} hardware"),
+        ("MFU", f"{best.mfu:.1%}"),
+        ("memory per GPU", f"{best.memory_total / 1e9:.1f} of {best.memory_capacity / 1e9:.1f} GB usable"),
+        ("tokens", f"{camp.tokens / 1e12:g} T"),
+        ("days", f"{camp.days:.1f} ({camp.days_ideal:.1f} without failures; goodput {camp.goodput:.0%})"),
+        ("GPU-hours", f"{camp.gpu_hours / 1e6:.1f} M"),
+        ("peak site power", f"{camp.peak_site_mw:.1f} MW (PUE included)"),
+        ("energy", f"{camp.energy_mwh:,.0f} MWh, electricity ${camp.electricity_usd / 1e6:.1f} M"),
+        ("buy", f"${camp.buy_usd / 1e6:,.0f} M (capex ${camp.capex_usd / 1e6:,.0f} M + electricity)"),
+        ("lease", f"${camp.lease_usd / 1e6:,.0f} M ({camp.gpu_hours / 1e6:.1f} M GPU-h at list price)"),
+    ]
+
+
+def _print(out: dict[str, Any], best: StepCost, camp: Any, shown: list[StepCost], why: list[str],
+           result: SearchResult | None, written: list[Path], report: Path | None) -> None:
+    con = Console()
+    t = Table(title=f"plan: {out['model']} on {out['n_gpus']:,} × {out['gpu']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    for k, v in _summary(out, best, camp):
+        t.add_row(k, v)
+    con.print(t)
+    if len(shown) > 1:
+        top = Table(title="top layouts")
+        for col in ("#", "layout", "batch seqs", "step s", "MFU", "memory GB", "bubble s", "exposed comm s"):
+            if col == "layout":
+                top.add_column(col, no_wrap=True)
+            else:
+                top.add_column(col, justify="right")
+        for i, c in enumerate(shown, 1):
+            top.add_row(str(i), c.layout.short(), f"{c.global_batch_seqs:,}", f"{c.step_time_s:.2f}", f"{c.mfu:.1%}",
+                        f"{c.memory_total / 1e9:.1f}", f"{c.bubble_s:.2f}", f"{sum(c.exposed_comm_s.values()):.2f}")
+        con.print(top)
+    mem = Table(title="memory per GPU (GB)")
+    for k in best.memory:
+        mem.add_column(k, justify="right")
+    mem.add_row(*(f"{v / 1e9:.2f}" for v in best.memory.values()))
+    con.print(mem)
+    coll = Table(title="collective payload bytes per rank per step (GB)")
+    for k in best.collective_bytes:
+        coll.add_column(k, justify="right")
+    coll.add_row(*(f"{v / 1e9:.2f}" for v in best.collective_bytes.values()))
+    con.print(coll)
+    for line in why:
+        con.print(f"• {line}", highlight=False)
+    if result is not None:
+        con.print(f"searched {result.evaluated:,} layouts ({result.fitting:,} fit) in {result.seconds:.2f} s; "
+                  f"reliability: {camp.goodput_source}", highlight=False)
+    for p in written:
+        con.print(f"wrote {p}")
+    if report:
+        con.print(f"wrote {report}")
+
+
+def validate_plan(
+    file: Path = typer.Argument(..., help="CSV of published runs (format of shared/validation/public_runs.csv)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Predict every published run in FILE under the layout it used; print the relative errors."""
+    from gigafactory.plan.validate import validate_csv
+
+    res = validate_csv(file)
+    results = res.pop("results")
+    if as_json:
+        print(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"validation: {file}")
+    for col in ("id", "metric", "reported", "predicted", "rel. error", "layout (filled by search)"):
+        t.add_column(col, justify="left" if col in ("id", "metric", "layout (filled by search)") else "right")
+    for r in results:  # type: ignore[attr-defined]
+        filled = ", ".join(f"{k}={v}" for k, v in r.filled.items())
+        t.add_row(r.id, r.metric, f"{r.reported:.1f}", f"{r.predicted:.1f}", f"{r.rel_error:+.1%}",
+                  r.layout.short() + (f" ({filled})" if filled else ""))
+    con = Console()
+    con.print(t)
+    con.print(f"median |error| {res['median_abs_rel_error']:.1%}, max |error| {res['max_abs_rel_error']:.1%}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)
+    app.command("validate-plan")(validate_plan)
