@@ -1,2 +1,110 @@
-def register(app):
-    pass
+"""`gigafactory train`, `chat` and `demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def train(
+    model: str = typer.Option("small", help="preset (tiny, small, grok-1, grok-2) or a .toml/.json spec"),
+    steps: int = typer.Option(300, help="optimizer steps; the learning-rate schedule spans them"),
+    run_dir: Path = typer.Option(Path("runs/default"), help="where the spec, tokenizer, metrics, checkpoints go"),
+    data: Path | None = typer.Option(None, help="UTF-8 text file or folder (default: built-in Shakespeare)"),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="continue from the newest good checkpoint in --run-dir"),
+    batch_size: int | None = typer.Option(None, help="sequences per optimizer step"),
+    grad_accum: int | None = typer.Option(None, help="micro-batches per optimizer step"),
+    seq_len: int | None = typer.Option(None, help="tokens per sequence (default: the model's context)"),
+    lr: float | None = typer.Option(None, help="peak learning rate"),
+    warmup_steps: int | None = typer.Option(None),
+    eval_every: int | None = typer.Option(None),
+    checkpoint_every: int | None = typer.Option(None),
+    keep_last: int | None = typer.Option(None, help="checkpoints to keep"),
+    stop_after: int | None = typer.Option(None, help="stop at this step with a checkpoint (time-boxed job)"),
+    dtype: str | None = typer.Option(None, help="auto, fp32 or bf16 (autocast)"),
+) -> None:
+    """Train a Grok-style MoE model on a text corpus."""
+    from gigafactory.train.config import make_config
+    from gigafactory.train.loop import train as run
+
+    cfg = make_config(
+        model=model, steps=steps, run_dir=run_dir, data=data, seed=seed, resume=resume, batch_size=batch_size,
+        grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype,
+    )
+    result = run(cfg)
+    bpb = f"{result.final_val_bpb:.3f} bits per byte" if result.final_val_bpb is not None else "n/a"
+    console.print(f"run directory: {result.run_dir}  (final validation {bpb})", highlight=False)
+
+
+def chat(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `gigafactory train`"),
+    persona: str = typer.Option("ROMEO", help="a speaker of the corpus (see personas.json in the run)"),
+    prompt: str | None = typer.Option(None, help="one turn: print the reply and exit"),
+    max_tokens: int = typer.Option(120, min=1),
+    temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, min=0, help="0 = off"),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Talk to a persona of a trained run (interactive, or one turn with --prompt)."""
+    from gigafactory.chat import ChatSession
+
+    session = ChatSession(run_dir, persona)
+
+    def turn(message: str) -> None:
+        console.print(f"[bold]{session.persona}:[/]", highlight=False)
+        for piece in session.reply(message, max_tokens, temperature, top_k, top_p, seed):
+            console.out(piece, end="", highlight=False)
+        console.out("")
+
+    if prompt is not None:
+        turn(prompt)
+        return
+    console.print(f"chatting with {session.persona} (checkpoint step {session.step}); empty line or Ctrl-D ends")
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        turn(message)
+
+
+def demo(
+    run_dir: Path = typer.Option(Path("runs/demo"), help="run directory for the demo"),
+    steps: int = typer.Option(500, help="training steps"),
+) -> None:
+    """Train the `small` Grok on the built-in Shakespeare corpus, then ask a persona one question."""
+    import shutil
+
+    from gigafactory.chat import ChatSession
+    from gigafactory.train.config import make_config
+    from gigafactory.train.loop import train as run
+
+    t0 = time.perf_counter()
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts fresh
+    result = run(make_config(model="small", steps=steps, run_dir=run_dir, eval_every=100, checkpoint_every=250))
+    console.print(
+        f"trained in {time.perf_counter() - t0:.0f} s; final validation {result.final_val_bpb:.3f} bits per byte",
+        highlight=False,
+    )
+    console.print(f"run directory: {run_dir}", highlight=False)
+    session = ChatSession(run_dir, "ROMEO")
+    question = "What light through yonder window breaks?"
+    console.print(f"[bold]Stranger:[/] {question}", highlight=False)
+    console.print(f"[bold]{session.persona}:[/]", highlight=False)
+    console.out("".join(session.reply(question, seed=0)).strip(), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("chat")(chat)
+    app.command("demo")(demo)

@@ -1,0 +1,45 @@
+"""One persona's reply from a run directory's newest checkpoint (used by `gigafactory chat` and the demo)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from gigafactory.model.generate import generate
+from gigafactory.personas import resolve, speech_prompt
+from gigafactory.runs import load_for_inference
+
+END_OF_SPEECH = "\n\n"
+
+
+class ChatSession:
+    def __init__(self, run_dir: Path, persona: str) -> None:
+        self.persona = resolve(run_dir, persona)
+        self.model, self.tok, self.step = load_for_inference(run_dir)
+        self.history: list[tuple[str, str]] = []
+
+    def reply(
+        self,
+        message: str,
+        max_tokens: int = 120,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Stream the persona's answer as text pieces; the turn ends at a blank line (end of a speech)."""
+        self.history.append(("user", message))
+        ids = self.tok.encode(speech_prompt(self.persona, self.history)).ids
+        out: list[int] = []
+        shown = ""
+
+        def stop(generated: list[int]) -> bool:
+            return END_OF_SPEECH in self.tok.decode(generated)
+
+        for t in generate(self.model, ids, max_tokens, temperature, top_k, top_p, seed, stop):
+            out.append(t)
+            text = self.tok.decode(out).split(END_OF_SPEECH)[0]
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        self.history.append(("persona", shown))

@@ -1,0 +1,317 @@
+"""A Grok-style mixture-of-experts transformer, built from a `ModelSpec`, readable top to bottom.
+
+Single-device math only: how it is sharded lives in `gigafactory.parallel`, how it is trained in
+`gigafactory.train`. The details follow the public grok-1 release (see ../shared/DESIGN.md):
+- every residual branch is ``h + RMSNorm(branch(RMSNorm(h)))``: four norms per layer, each with its own scale;
+- attention logits are scaled by 1/√head_dim, then soft-capped ``c·tanh(x/c)``; RoPE is the half-split
+  ("rotate_half") form over the whole head; token id 0 is padding and is never attended to;
+- the router's softmax runs in fp32 over all experts and the top-k gates are *not* renormalised;
+- experts are gated GELU (tanh approximation): ``W_down(W_v·x ⊙ gelu(W_gate·x))``; Grok-2 adds a dense FFN
+  beside the MoE and scales the sum by 1/√2;
+- embeddings are multiplied on the way in, logits on the way out, optionally soft-capped.
+
+The MoE's auxiliary losses (load balancing and router z-loss) do not travel in the return value: their
+gradient is injected in backward (`_AuxLossGrad`), so the same module works unchanged when a pipeline stage
+only sees hidden states. The load-balancing loss is computed per sequence and averaged (as DeepSeek-V3's
+sequence-wise balance loss), so splitting a batch across data-parallel ranks does not change it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gigafactory.specs import ModelSpec
+
+PAD_ID = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()  # the mean square in fp32: bf16 loses too much here
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def softcap(x: Tensor, cap: float | None) -> Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [B, 1, T, head_dim] for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCacheLike(Protocol):
+    """What attention needs from a KV cache; `KVCache` below is contiguous, the server's is paged."""
+
+    def begin(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Register the new tokens and return the attention mask [B, 1, T, S] (True = may attend)."""
+        ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values [B, Hkv, T, D] for `layer`; return all keys/values [B, Hkv, S, D]."""
+        ...
+
+
+def causal_mask(tokens: Tensor) -> Tensor:
+    """[B, 1, T, T]: causal, padding keys masked, the diagonal always open so no row is empty."""
+    t = tokens.shape[1]
+    idx = torch.arange(t, device=tokens.device)
+    causal = idx[None, :] <= idx[:, None]
+    keep = causal[None, None] & (tokens != PAD_ID)[:, None, None, :]
+    return keep | torch.eye(t, dtype=torch.bool, device=tokens.device)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.softcap = spec.attn_softcap
+        self.q_proj = nn.Linear(spec.d_model, spec.n_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(spec.d_model, spec.n_kv_heads * spec.head_dim, bias=False)
+        self.v_proj = nn.Linear(spec.d_model, spec.n_kv_heads * spec.head_dim, bias=False)
+        self.o_proj = nn.Linear(spec.n_heads * spec.head_dim, spec.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCacheLike | None) -> Tensor:
+        b, t, _ = x.shape
+        # Head counts come from the weights so a tensor-parallel shard (fewer local heads) runs the same code.
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        hkv = k.shape[1]
+        group = q.shape[1] // hkv
+        # Grouped-query attention without copying K/V: queries [B, Hkv, G, T, D] against keys [B, Hkv, 1, S, D].
+        q = q.view(b, hkv, group, t, self.head_dim)
+        scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+        scores = softcap(scores, self.softcap)
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        out = (probs @ v.unsqueeze(2)).reshape(b, -1, t, self.head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class _AuxLossGrad(torch.autograd.Function):
+    """Identity on `x` in forward; in backward, also sends gradient 1 into `aux` (already weighted)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, aux: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+class Experts(nn.Module):
+    """All experts' weights as 3-D tensors [E, in, out], so expert parallelism shards dimension 0."""
+
+    def __init__(self, n_experts: int, d_model: int, ffn: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, ffn))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, ffn))
+        self.w_down = nn.Parameter(torch.empty(n_experts, ffn, d_model))
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        """`x` holds tokens grouped by expert, `counts[e]` of them for local expert e (a loop over experts,
+        never over tokens)."""
+        outs = []
+        for e, chunk in enumerate(torch.split(x, counts)):
+            if chunk.shape[0] == 0:
+                continue
+            h = F.gelu(chunk @ self.w_gate[e], approximate="tanh") * (chunk @ self.w_up[e])
+            outs.append(h @ self.w_down[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.w_down.shape[-1])
+
+
+class MoE(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = spec.n_experts, spec.top_k
+        self.router_softcap = spec.router_softcap
+        self.router = nn.Linear(spec.d_model, spec.n_experts, bias=False)
+        self.experts = Experts(spec.n_experts, spec.d_model, spec.expert_ffn)
+        # Set by the trainer: loss weights, and the factor its loss is scaled by (1 / accumulation steps).
+        self.lb_weight = 0.0
+        self.z_weight = 0.0
+        self.aux_scale = 1.0
+        self.last_stats: dict[str, float] = {}
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """fp32 router: (logits [N, E], gates [N, k], expert ids [N, k]); gates are not renormalised."""
+        logits = softcap(F.linear(x.float(), self.router.weight.float()), self.router_softcap)
+        probs = logits.softmax(dim=-1)
+        gates, idx = probs.topk(self.top_k, dim=-1)
+        return logits, gates, idx
+
+    def dispatch_compute(self, x: Tensor, gates: Tensor, idx: Tensor) -> Tensor:
+        """Sort token copies by expert, run the experts, scatter back weighted by their gates. Expert
+        parallelism replaces this method with an all-to-all version; the math is the same."""
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        out = self.experts(x[token_of], counts)
+        out = out * gates.reshape(-1)[order, None].to(out.dtype)
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        logits, gates, idx = self.route(flat)
+        y = self.dispatch_compute(flat, gates, idx).view(b, t, d)
+        if self.training and torch.is_grad_enabled() and (self.lb_weight or self.z_weight):
+            y = _AuxLossGrad.apply(y, self._aux_loss(logits.view(b, t, -1), idx.view(b, t, -1)))
+        return y
+
+    def _aux_loss(self, logits: Tensor, idx: Tensor) -> Tensor:
+        # Load balance per sequence: E · Σ_e f_e · P_e with f_e the share of routed slots, P_e the mean prob.
+        probs = logits.softmax(-1)
+        share = F.one_hot(idx, self.n_experts).float().sum(2).mean(1) / self.top_k  # [B, E]
+        lb = (self.n_experts * (share * probs.mean(1)).sum(-1)).mean()
+        z = torch.logsumexp(logits, -1).pow(2).mean()
+        self.last_stats = {"lb_loss": float(lb.detach()), "z_loss": float(z.detach())}
+        return (self.lb_weight * lb + self.z_weight * z) * self.aux_scale
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, ffn: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, ffn, bias=False)
+        self.up = nn.Linear(d_model, ffn, bias=False)
+        self.down = nn.Linear(ffn, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        eps = spec.norm_eps
+        self.pre_attn_norm, self.post_attn_norm = RMSNorm(spec.d_model, eps), RMSNorm(spec.d_model, eps)
+        self.pre_moe_norm, self.post_moe_norm = RMSNorm(spec.d_model, eps), RMSNorm(spec.d_model, eps)
+        self.attn = Attention(spec, layer)
+        self.moe = MoE(spec)
+        self.dense = DenseFFN(spec.d_model, spec.dense_ffn) if spec.dense_ffn else None
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCacheLike | None) -> Tensor:
+        h = h + self.post_attn_norm(self.attn(self.pre_attn_norm(h), cos, sin, mask, cache))
+        x = self.pre_moe_norm(h)
+        ffn = self.moe(x)
+        if self.dense is not None:
+            ffn = (ffn + self.dense(x)) * (1 / math.sqrt(2))
+        return h + self.post_moe_norm(ffn)
+
+
+class GrokModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        # A ModuleDict keyed by layer number keeps checkpoint keys stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): Block(spec, i) for i in range(spec.n_layers)})
+        self.norm = RMSNorm(spec.d_model, spec.norm_eps)
+        self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Unit-variance activations: the input multiplier times the embedding std is 1, matrices get
+        1/√fan_in, norms start at 1 (the post-branch norms keep every residual update at unit scale)."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        if self.embed.weight.device.type == "meta":
+            return
+        spec = self.spec
+
+        def normal(p: Tensor, std: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+        normal(self.embed.weight, 1.0 / spec.embedding_multiplier)
+        if self.lm_head is not None:
+            normal(self.lm_head.weight, 1.0 / math.sqrt(spec.d_model))
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.startswith("layers."):
+                fan_in = p.shape[-2] if p.dim() == 3 else p.shape[-1]
+                normal(p, 1.0 / math.sqrt(fan_in))
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCacheLike | None = None) -> Tensor:
+        """Logits [B, T, V] for tokens [B, T]. `positions` default to 0..T-1; with a cache, pass them."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        mask = causal_mask(tokens) if cache is None else cache.begin(tokens, positions)
+        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        h = self.embed(tokens) * self.spec.embedding_multiplier
+        for block in self.layers.values():
+            h = block(h, cos, sin, mask, cache)
+        return self.output(h)
+
+    def output(self, h: Tensor) -> Tensor:
+        h = self.norm(h)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight).float() * self.spec.output_multiplier
+        return softcap(logits, self.spec.final_softcap)
+
+
+class KVCache:
+    """Contiguous per-sequence cache for incremental decoding (chat). Keys carry their positions and
+    padding flags so the mask is exact whatever the prompt lengths."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (spec.n_layers, batch, spec.n_kv_heads, max_len, spec.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.key_ok = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self._start = 0
+
+    def begin(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {t} tokens exceed its {self.max_len} slots")
+        self._start = self.length
+        self.key_pos[:, self.length : self.length + t] = positions
+        self.key_ok[:, self.length : self.length + t] = tokens != PAD_ID
+        self.length += t
+        s = self.length
+        mask = (self.key_pos[:, None, :s] <= positions[:, :, None]) & self.key_ok[:, None, :s]
+        mask |= self.key_pos[:, None, :s] == positions[:, :, None]  # a token always sees itself
+        return mask[:, None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self._start + k.shape[2]
+        self.k[layer, :, :, self._start : end] = k
+        self.v[layer, :, :, self._start : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

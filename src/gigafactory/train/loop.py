@@ -1,0 +1,243 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, evaluation in bits per byte,
+metrics as JSONL, checkpoints that resume exactly.
+
+Exact resume rests on three things: the sampler's batch i is a pure function of (seed, i), the learning rate
+is a pure function of the step, and the checkpoint holds model, optimizer, sampler position and RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from gigafactory import checkpoint as ckpt
+from gigafactory.errors import UserError
+from gigafactory.model import GrokModel
+from gigafactory.specs import ModelSpec, load_spec
+from gigafactory.train import data as datalib
+from gigafactory.train.config import TrainConfig
+from gigafactory.train.device import peak_flops, pick_device, pick_dtype
+from gigafactory.util import atomic_write_text
+
+console = Console(stderr=True)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, cosine decay to `lr · min_lr_ratio` at the last step (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+class MetricsLog:
+    """metrics.jsonl: one object per step (plus validation keys on evaluation steps). On resume, records past
+    the checkpoint's step are dropped so the file describes exactly one history."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        elif path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        self._f = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    final_val_bpb: float | None = None
+    resumed_from: int | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, spec: ModelSpec | None = None, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.spec = spec or load_spec(cfg.model)
+        self.quiet = quiet
+        self.run_dir = Path(cfg.run_dir)
+        self.seq_len = cfg.seq_len or self.spec.max_seq_len
+        if self.seq_len > self.spec.max_seq_len:
+            raise UserError(f"seq_len={self.seq_len} exceeds the model's context {self.spec.max_seq_len}")
+        if cfg.resume and not (self.run_dir / "spec.json").is_file():
+            raise UserError(f"--resume: {self.run_dir} holds no run; drop --resume to start one")
+        self.device = pick_device()
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size)
+        self._save_run_files()
+
+        torch.manual_seed(cfg.seed)
+        self.model = GrokModel(self.spec).to(self.device)
+        micro = cfg.batch_size // cfg.grad_accum
+        for moe in self.model.moe_layers():
+            moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.sampler = datalib.BatchSampler(self.data.train, micro, self.seq_len, cfg.seed)
+        self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.notes: list[str] = []
+        if cfg.resume:
+            self._resume()
+        self.peak, self.peak_source = peak_flops(self.device, self.dtype)
+        self.flops_per_token = self.spec.flops_per_token(self.seq_len)
+
+    # ---- run directory -------------------------------------------------------------------------------------
+    def _save_run_files(self) -> None:
+        spec_json = self.spec.model_dump_json(indent=1)
+        spec_path = self.run_dir / "spec.json"
+        if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(spec_json):
+            raise UserError(f"{self.run_dir} holds a run of another model; use a new --run-dir")
+        atomic_write_text(spec_path, spec_json)
+        atomic_write_text(self.run_dir / "train_config.json", self.cfg.model_dump_json(indent=1))
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _resume(self) -> None:
+        state = self._state()
+        loaded = ckpt.load_latest(self.run_dir, state)
+        if loaded is None:
+            self.notes.append(f"no checkpoint in {self.run_dir}; starting from step 0")
+            return
+        for line in loaded.skipped:
+            self.notes.append(f"{line}; falling back to an older checkpoint")
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        m = loaded.manifest
+        self.step = self.resumed_from = int(m["step"])
+        self.sampler.position = int(m["data_position"])
+        ckpt.restore_rng(m["rng"])
+        self.notes.append(f"resumed from {loaded.path.name} (step {self.step})")
+
+    def save_checkpoint(self) -> Path:
+        meta = {"data_position": self.sampler.position, "rng": ckpt.encode_rng(), "seq_len": self.seq_len}
+        return ckpt.save(self.run_dir, self.step, self._state(), meta, keep_last=self.cfg.keep_last)
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.sampler.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        stats = {"loss": total, "lr": lr, "grad_norm": float(norm)}
+        moe = self.model.moe_layers()
+        if moe and moe[0].last_stats:
+            stats["lb_loss"] = sum(m.last_stats["lb_loss"] for m in moe) / len(moe)
+            stats["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss over fixed windows, in nats per token and in bits per UTF-8 byte."""
+        self.model.eval()
+        nats, nbytes, ntok = 0.0, 0.0, 0
+        batch = max(1, self.cfg.batch_size // self.cfg.grad_accum)
+        for i in range(0, len(self.val_windows), batch):
+            chunk = self.val_windows[i : i + batch]
+            x = torch.stack([w[0] for w in chunk]).to(self.device)
+            y = torch.stack([w[1] for w in chunk]).to(self.device)
+            with self._autocast():
+                logits = self.model(x)
+            nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            nbytes += float(self.data.token_bytes[y.flatten().cpu()].sum())
+            ntok += y.numel()
+        return {"val_loss": nats / ntok, "val_bits_per_byte": nats / math.log(2) / nbytes}
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        for note in self.notes:
+            console.print(f"[yellow]{note}[/]", highlight=False)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
+        result = TrainResult(self.run_dir, cfg.steps, resumed_from=self.resumed_from)
+        tokens_per_step = cfg.batch_size * self.seq_len
+        progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=self.quiet,
+        )
+        with progress:
+            task = progress.add_task("train", total=cfg.steps, completed=self.step, info="")
+            end = min(cfg.steps, cfg.stop_after or cfg.steps)
+            while self.step < end:
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                tps = tokens_per_step / dt
+                record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
+                record["mfu"] = tps * self.flops_per_token / self.peak
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    record.update(self.evaluate())
+                    result.final_val_bpb = record["val_bits_per_byte"]
+                metrics.write(record)
+                result.losses.append(stats["loss"])
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    self.save_checkpoint()
+                info = f"loss {stats['loss']:.3f}  {tps:,.0f} tok/s  MFU {record['mfu']:.1%}"
+                if "val_bits_per_byte" in record:
+                    info += f"  val {record['val_bits_per_byte']:.3f} bpb"
+                progress.update(task, completed=self.step, info=info)
+        metrics.close()
+        return result
+
+
+def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:
+    return Trainer(cfg, quiet=quiet).fit()

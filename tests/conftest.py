@@ -1,0 +1,27 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None):
+    """Run `gigafactory ARGS` in a subprocess, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gigafactory", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gigafactory {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
