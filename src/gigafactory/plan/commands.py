@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,13 @@ def _summary(out: dict[str, Any], best: StepCost, camp: Any) -> list[tuple[str, 
     ]
 
 
+def _console() -> Console:
+    return Console() if sys.stdout.isatty() else Console(width=160)  # pipes and logs get whole rows
+
+
 def _print(out: dict[str, Any], best: StepCost, camp: Any, shown: list[StepCost], why: list[str],
            result: SearchResult | None, written: list[Path], report: Path | None) -> None:
-    con = Console()
+    con = _console()
     t = Table(title=f"plan: {out['model']} on {out['n_gpus']:,} × {out['gpu']}", show_header=False)
     t.add_column("what")
     t.add_column("value")
@@ -259,7 +264,7 @@ def validate_plan(
         filled = ", ".join(f"{k}={v}" for k, v in r.filled.items())
         t.add_row(r.id, r.metric, f"{r.reported:.1f}", f"{r.predicted:.1f}", f"{r.rel_error:+.1%}",
                   r.layout.short() + (f" ({filled})" if filled else ""))
-    con = Console()
+    con = _console()
     con.print(t)
     con.print(f"median |error| {res['median_abs_rel_error']:.1%}, max |error| {res['max_abs_rel_error']:.1%}")
 

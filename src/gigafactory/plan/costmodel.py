@@ -227,8 +227,15 @@ class _Parts:
 def _parts(spec: ModelSpec) -> _Parts:
     layer_expert = spec.n_experts * spec.expert_params
     layer_dense = spec.layer_params(spec.n_experts) - layer_expert
-    head = spec.embedding_params if spec.tie_embeddings else spec.head_params  # a tied head still runs a GEMM
-    return _Parts(layer_dense, layer_expert, spec.embedding_params, head)
+    return _Parts(layer_dense, layer_expert, spec.embedding_params, spec.head_params)
+
+
+def _embed_params_on_stage(parts: _Parts, pp: int) -> int:
+    """Embedding/head parameters on the busiest stage. With pp > 1 a tied head keeps its own copy on the last
+    stage (Megatron-LM does the same), so the largest of the two ends counts; with pp = 1 a tied matrix is one."""
+    if pp > 1:
+        return max(parts.embed, parts.head or parts.embed)
+    return parts.embed + parts.head
 
 
 def _gemm_time(m: float, n: float, k: float, gpu: GPUSpec, count: float = 1.0) -> float:
@@ -375,7 +382,7 @@ def collective_bytes(
     n_micro = global_batch_seqs // (dp * lay.micro_batch)
     parts = _parts(spec)
     layers = math.ceil(spec.n_layers / lay.pp)
-    embed_stage = max(parts.embed, parts.head) if lay.pp > 1 else parts.embed + parts.head
+    embed_stage = _embed_params_on_stage(parts, lay.pp)
     dense_local = (layers * parts.layer_dense + embed_stage) / lay.tp
     expert_local = layers * parts.layer_expert / (lay.tp * lay.ep)
     out: dict[str, float] = {k: 0.0 for k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")}
@@ -505,7 +512,7 @@ def estimate(
     # ---- data parallel / FSDP
     shard = lay.dp_shard * lay.cp
     layers_local = layers if lay.pp > 1 else spec.n_layers
-    embed_stage = max(parts.embed, parts.head) if lay.pp > 1 else parts.embed + parts.head
+    embed_stage = _embed_params_on_stage(parts, lay.pp)
     dense_local = (layers_local * parts.layer_dense + embed_stage) / lay.tp
     expert_local = layers_local * parts.layer_expert / (lay.tp * lay.ep)
     local_params = dense_local + expert_local

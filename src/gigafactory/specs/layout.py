@@ -89,14 +89,14 @@ class Layout(BaseModel):
                 f"{self.tp}·{self.pp} = {self.world_size}, not the {world_size} GPUs; change a degree so they multiply "
                 f"to {world_size}"
             )
+        if gpus_per_node is not None and self.tp > gpus_per_node:
+            raise UserError(
+                f"tp={self.tp} is larger than a node ({gpus_per_node} GPUs share NVLink); use tp <= {gpus_per_node}"
+            )
         if spec.n_heads % self.tp or spec.n_kv_heads % self.tp:
             raise UserError(
                 f"tp={self.tp} must divide n_heads={spec.n_heads} and n_kv_heads={spec.n_kv_heads}; use tp in "
                 f"{_divisors(_gcd(spec.n_heads, spec.n_kv_heads))}"
-            )
-        if gpus_per_node is not None and self.tp > gpus_per_node:
-            raise UserError(
-                f"tp={self.tp} is larger than a node ({gpus_per_node} GPUs share NVLink); use tp <= {gpus_per_node}"
             )
         if spec.n_experts % self.ep:
             raise UserError(f"ep={self.ep} does not divide n_experts={spec.n_experts}; use ep in "
