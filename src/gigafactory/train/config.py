@@ -37,6 +37,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     resume: bool = False
+    layout: str | None = Field(None, description="parallel layout, e.g. 'dp_shard=2,tp=2' (run under torchrun)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

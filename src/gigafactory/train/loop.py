@@ -26,6 +26,7 @@ from gigafactory.errors import UserError
 from gigafactory.model import GrokModel
 from gigafactory.specs import ModelSpec, load_spec
 from gigafactory.train import data as datalib
+from gigafactory.train import distributed
 from gigafactory.train.config import TrainConfig
 from gigafactory.train.device import peak_flops, pick_device, pick_dtype
 from gigafactory.util import atomic_write_text
@@ -91,17 +92,22 @@ class Trainer:
             raise UserError(f"seq_len={self.seq_len} exceeds the model's context {self.spec.max_seq_len}")
         if cfg.resume and not (self.run_dir / "spec.json").is_file():
             raise UserError(f"--resume: {self.run_dir} holds no run; drop --resume to start one")
+        self.dist = distributed.setup(cfg, self.spec, self.seq_len)  # None on the single-process path
+        self.quiet = quiet or (self.dist is not None and not self.dist.is_main)
         self.device = pick_device()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size)
-        self._save_run_files()
+        with distributed.main_first(self.dist):
+            self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size)
+            self._save_run_files()
 
         torch.manual_seed(cfg.seed)
         self.model = GrokModel(self.spec).to(self.device)
         micro = cfg.batch_size // cfg.grad_accum
         for moe in self.model.moe_layers():
             moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
+        if self.dist is not None:
+            self.model = self.dist.parallelize(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = datalib.BatchSampler(self.data.train, micro, self.seq_len, cfg.seed)
         self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
@@ -152,6 +158,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self) -> dict[str, float]:
+        if self.dist is not None:
+            return self.dist.train_step(self)
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -180,6 +188,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss over fixed windows, in nats per token and in bits per UTF-8 byte."""
+        if self.dist is not None:
+            return self.dist.evaluate(self)
         self.model.eval()
         nats, nbytes, ntok = 0.0, 0.0, 0
         batch = max(1, self.cfg.batch_size // self.cfg.grad_accum)
@@ -198,7 +208,7 @@ class Trainer:
         cfg = self.cfg
         for note in self.notes:
             console.print(f"[yellow]{note}[/]", highlight=False)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
+        metrics = distributed.metrics_log(self.dist) or MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
         result = TrainResult(self.run_dir, cfg.steps, resumed_from=self.resumed_from)
         tokens_per_step = cfg.batch_size * self.seq_len
         progress = Progress(

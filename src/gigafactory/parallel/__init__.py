@@ -1,0 +1,108 @@
+"""Scale-out: a `Layout` becomes one `DeviceMesh`, and the parallel styles are applied to a `model.GrokModel` in
+order — tensor (+ sequence) parallel, expert parallel, activation recompute, FSDP2 — or, for ``pp > 1``, the
+model is cut into pipeline stages. The model's math stays in `gigafactory.model`. See docs/parallel.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from gigafactory.model.grok import GrokModel
+from gigafactory.parallel.comm import CommCounter
+from gigafactory.parallel.expert import apply_ep
+from gigafactory.parallel.fsdp import apply_fsdp, apply_recompute
+from gigafactory.parallel.mesh import Meshes, build_meshes, check_layout
+from gigafactory.parallel.pipeline import Pipeline
+from gigafactory.parallel.tensor import apply_tp, local_targets
+
+__all__ = ["Parallelized", "build_meshes", "check_layout", "local_targets", "parallelize", "CommCounter"]
+
+
+@dataclass
+class Parallelized:
+    model: nn.Module
+    meshes: Meshes
+    fsdp_units: list[FSDPModule] = field(default_factory=list)
+    pipeline: Pipeline | None = None
+
+    @property
+    def tp_mesh(self) -> Any:
+        return self.meshes.tp if self.meshes.layout.tp > 1 else None
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        """Skip FSDP's reduce-scatter on all but the last accumulation micro-batch."""
+        if self.fsdp_units:
+            self.fsdp_units[-1].set_requires_gradient_sync(sync, recurse=True)
+
+    def clip_grad_norm_(self, max_norm: float, counter: CommCounter | None = None) -> float:
+        """Global gradient norm over every rank's shards (each distinct element counted once), then clip."""
+        skip = self.pipeline.skip_in_norm() if self.pipeline else set()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return clip_grad_norm_(params, max_norm, self.meshes.layout.pp, skip, counter)
+
+
+def _copies(grad: torch.Tensor, ranks_per_stage: int) -> int:
+    """How many ranks of a pipeline stage hold this same gradient shard."""
+    if not isinstance(grad, DTensor):
+        return ranks_per_stage
+    distinct = math.prod(grad.device_mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
+    return ranks_per_stage // distinct
+
+
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, pp: int, skip: set[Any],
+                    counter: CommCounter | None = None) -> float:
+    per_stage = dist.get_world_size() // pp
+    sq = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for p in params:
+        g = p.grad
+        assert g is not None
+        local = g.to_local() if isinstance(g, DTensor) else g
+        grads.append(local)
+        if p not in skip:
+            sq += local.detach().double().pow(2).sum().cpu() / _copies(g, per_stage)
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = sq.to(device)
+    with counter.bookkeeping() if counter else _null():
+        dist.all_reduce(sq)
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def parallelize(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
+                seq_len: int) -> Parallelized:
+    """Apply the layout to `model` in place (or cut it into this rank's pipeline stage)."""
+    lay = meshes.layout
+    if lay.pp > 1:
+        pipe = Pipeline(model, lay, meshes.pp.get_group(), device, n_micro, micro_batch, seq_len)
+        apply_recompute(pipe.model, lay.recompute)
+        return Parallelized(pipe.model, meshes, pipeline=pipe)
+    if lay.tp > 1:
+        apply_tp(model, meshes.tp)
+    if lay.ep > 1:
+        expert_fsdp = lay.dp_shard // lay.ep * lay.dp_replicate > 1
+        apply_ep(model, meshes.ep, grad_scale=1.0 if expert_fsdp else 1 / lay.ep)
+    apply_recompute(model, lay.recompute)
+    units: list[FSDPModule] = []
+    if lay.dp_shard * lay.dp_replicate > 1:
+        units = apply_fsdp(model, meshes, force_sum=device.type == "cpu")
+    return Parallelized(model, meshes, units)

@@ -1,0 +1,64 @@
+"""Expert parallelism: experts split over the ``ep`` ranks, tokens sent to them with `all_to_all_single`.
+
+Dropless: every routed token copy reaches its expert, however uneven the routing, because the split sizes are
+exchanged first (a small all-to-all of per-expert counts) and the token all-to-all uses those uneven splits.
+Rank r holds experts [r·E/ep, (r+1)·E/ep) as a Shard(0) DTensor over ``ep`` (so checkpoints keep the global
+[E, in, out] shape). The math is `MoE.dispatch_compute`'s: sort copies by expert, run the experts, weight by the
+gates, scatter back; only where the experts run changes.
+
+Gradient scale: a rank's expert gradient sums the contributions of every rank whose tokens it served, each from a
+loss averaged over that rank's share of the batch. Under FSDP over ``efsdp`` the reduce-scatter sums the rest and
+divides by the whole data-parallel size (`parallel.fsdp`); without it (dp_shard == ep) the ep ranks *are* all the
+data-parallel ranks and the gradient is scaled by 1/ep here.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard
+
+from gigafactory.model.grok import GrokModel, MoE
+from gigafactory.parallel._local import use_local_params
+from gigafactory.parallel.comm import all_to_all
+from gigafactory.parallel.tensor import distribute_param
+
+
+def ep_dispatch_compute(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: dist.ProcessGroup) -> Tensor:
+    ep = group.size()
+    n_local = moe.n_experts // ep
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // moe.top_k
+    counts = torch.bincount(flat, minlength=moe.n_experts)
+    # recv_counts[j, e]: copies rank j sends to my local expert e
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    in_splits = counts.view(ep, n_local).sum(1).tolist()
+    recv_counts = recv_counts.view(ep, n_local)
+    out_splits = recv_counts.sum(1).tolist()
+    recv = all_to_all(x[token_of], out_splits, in_splits, group)
+    # Received rows come grouped by source rank, then expert; the experts want them grouped by expert.
+    expert_of = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(ep), recv_counts.reshape(-1))
+    perm = torch.argsort(expert_of, stable=True)
+    out_sorted = moe.experts(recv[perm], recv_counts.sum(0).tolist())
+    out_recv = torch.empty_like(out_sorted).index_copy(0, perm, out_sorted)
+    out = all_to_all(out_recv, in_splits, out_splits, group)
+    out = out * gates.reshape(-1)[order, None].to(out.dtype)
+    return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+
+
+def apply_ep(model: GrokModel, mesh: DeviceMesh, grad_scale: float) -> None:
+    group = mesh.get_group()
+    for moe in model.moe_layers():
+        ex = moe.experts
+        for name in ("w_gate", "w_up", "w_down"):
+            distribute_param(ex, name, mesh, Shard(0))
+        use_local_params(ex, [(ex, n) for n in ("w_gate", "w_up", "w_down")], grad_scale=grad_scale)
+        moe.dispatch_compute = types.MethodType(  # type: ignore[method-assign]
+            lambda self, x, gates, idx: ep_dispatch_compute(self, x, gates, idx, group), moe
+        )

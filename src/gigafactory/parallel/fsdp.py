@@ -1,0 +1,65 @@
+"""Activation checkpointing and FSDP2 (`fully_shard`) over the data-parallel mesh dimensions.
+
+Each block is one FSDP unit (its parameters are gathered just before it runs and freed after), the root holds the
+embedding and the final norm. Experts under expert parallelism are their own unit over ``efsdp``: their ``ep``
+split is already a DTensor dimension, and FSDP shards the rest.
+
+Gradient reduction is pinned down explicitly rather than left to defaults: sums on the wire with one division by
+the data-parallel size afterwards. On gloo the averaging path has silently produced wrong gradients in some
+releases; the multi-process tests compare gradients with a single process to catch any such regression.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from gigafactory.model.grok import GrokModel
+from gigafactory.parallel.mesh import Meshes
+
+
+def apply_recompute(model: GrokModel, mode: str) -> None:
+    """``full``: recompute each block in backward; ``selective``: recompute attention only (its score tensors are
+    the largest activations per token at long sequence lengths, its weights the cheapest to re-run)."""
+    if mode == "none":
+        return
+    for block in model.layers.values():
+        target: nn.Module = block if mode == "full" else block.attn  # type: ignore[assignment]
+        _checkpoint_forward(target)
+
+
+def _checkpoint_forward(module: nn.Module) -> None:
+    inner = module.forward
+
+    def forward(self: nn.Module, *args: Any) -> Any:
+        return checkpoint(inner, *args, use_reentrant=False)
+
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+
+
+def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool) -> list[FSDPModule]:
+    lay = meshes.layout
+    dp = lay.dp_replicate * lay.dp_shard
+    units: list[FSDPModule] = []
+    expert_fsdp = lay.ep > 1 and lay.dp_shard // lay.ep * lay.dp_replicate > 1
+    expert_params: set[nn.Parameter] = set()
+    for block in model.layers.values():
+        if lay.ep > 1:
+            ex = block.moe.experts  # type: ignore[union-attr]
+            if expert_fsdp:
+                units.append(fully_shard(ex, mesh=meshes.fsdp(experts=True)))
+            else:
+                expert_params.update(ex.parameters())  # type: ignore[arg-type]
+    dense_mesh = meshes.fsdp()
+    for block in model.layers.values():
+        units.append(fully_shard(block, mesh=dense_mesh, ignored_params=expert_params or None))
+    units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None))
+    for unit in units:
+        unit.set_gradient_divide_factor(float(dp))
+        if force_sum:
+            unit.set_force_sum_reduction_for_comms(True)
+    return units
