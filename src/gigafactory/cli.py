@@ -29,6 +29,8 @@ def _register() -> None:
         "gigafactory.train.commands",
         "gigafactory.sim.commands",
         "gigafactory.plan.commands",
+        "gigafactory.parallel.commands",
+        "gigafactory.serve.commands",
     ):
         importlib.import_module(module).register(app)
 

@@ -28,23 +28,30 @@ def train(
     keep_last: int | None = typer.Option(None, help="checkpoints to keep"),
     stop_after: int | None = typer.Option(None, help="stop at this step with a checkpoint (time-boxed job)"),
     dtype: str | None = typer.Option(None, help="auto, fp32 or bf16 (autocast)"),
+    layout: str | None = typer.Option(None, help="parallel layout under torchrun, e.g. dp_shard=2,tp=2"),
+    plan: Path | None = typer.Option(None, help="plan.json from `gigafactory plan --export`: layout, batch, steps"),
+    compare_plan: bool = typer.Option(False, help="print measured bytes per collective beside the planner's"),
 ) -> None:
-    """Train a Grok-style MoE model on a text corpus."""
+    """Train a Grok-style MoE model on a text corpus (one process, or one rank of a torchrun job)."""
+    from gigafactory.train import distributed
     from gigafactory.train.config import make_config
     from gigafactory.train.loop import train as run
 
-    cfg = make_config(
+    options = dict(
         model=model, steps=steps, run_dir=run_dir, data=data, seed=seed, resume=resume, batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype, layout=layout,
     )
+    cfg = make_config(**distributed.with_plan(options, plan))
     result = run(cfg)
+    if not distributed.finish(cfg, compare_plan, console):
+        return
     bpb = f"{result.final_val_bpb:.3f} bits per byte" if result.final_val_bpb is not None else "n/a"
     console.print(f"run directory: {result.run_dir}  (final validation {bpb})", highlight=False)
 
 
 def chat(
-    run_dir: Path = typer.Argument(..., help="a run directory written by `gigafactory train`"),
+    run_dir: Path | None = typer.Argument(None, help="a run directory written by `gigafactory train`"),
     persona: str = typer.Option("ROMEO", help="a speaker of the corpus (see personas.json in the run)"),
     prompt: str | None = typer.Option(None, help="one turn: print the reply and exit"),
     max_tokens: int = typer.Option(120, min=1),
@@ -52,8 +59,19 @@ def chat(
     top_k: int = typer.Option(0, min=0, help="0 = off"),
     top_p: float = typer.Option(0.95, min=0.0, max=1.0),
     seed: int | None = typer.Option(None),
+    url: str | None = typer.Option(None, help="talk to a `gigafactory serve` server instead of a run directory"),
 ) -> None:
     """Talk to a persona of a trained run (interactive, or one turn with --prompt)."""
+    if url is not None:
+        from gigafactory.serve.client import chat_remote
+
+        chat_remote(url, persona, prompt, lambda s: console.out(s, end="", highlight=False), lambda: input("you> "),
+                    max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return
+    if run_dir is None:
+        from gigafactory.errors import UserError
+
+        raise UserError("give a run directory, or --url of a running `gigafactory serve`")
     from gigafactory.chat import ChatSession
 
     session = ChatSession(run_dir, persona)
