@@ -371,9 +371,10 @@ def collective_bytes(
     all_gather = bytes of the gathered output tensor; reduce_scatter = bytes of the input tensor; all_reduce =
     tensor bytes; all_to_all = input tensor bytes; send_recv = bytes sent. Assumptions (FSDP2 / torchtitan):
     parameters are gathered in forward and again in backward when ``reshard_after_forward`` (one gather per
-    micro-batch otherwise); gradients are reduce-scattered once per step (gradient accumulation without sync)
-    in ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate. Figures are for the
-    busiest rank (a middle pipeline stage holding the largest share of layers).
+    micro-batch otherwise, and always for the root unit's embedding/head, which FSDP2 does not reshard);
+    gradients are reduce-scattered once per step (gradient accumulation without sync) in ``grad_bytes``
+    precision; HSDP all-reduces the sharded gradient over dp_replicate. Figures are for the busiest rank
+    (a middle pipeline stage holding the largest share of layers).
     """
     lay = layout
     dp = lay.dp
@@ -391,7 +392,10 @@ def collective_bytes(
         gathers = 2 if reshard_after_forward else 1
         exp_shard = shard // lay.ep
         gathered = dense_local + (expert_local if exp_shard > 1 else 0.0)
-        out["all_gather"] += n_micro * gathers * gathered * dtype_bytes
+        # FSDP2 keeps the root unit (embedding, head, final norm) unsharded from forward to backward
+        # (reshard_after_forward=None means False for the root), so it is gathered once per micro-batch.
+        root = embed_stage / lay.tp
+        out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
         out["reduce_scatter"] += gathered * grad_bytes
         if lay.dp_replicate > 1:
             out["all_reduce"] += (dense_local / shard + expert_local / max(exp_shard, 1)) * grad_bytes
