@@ -53,7 +53,9 @@ def _copies(grad: torch.Tensor, ranks_per_stage: int) -> int:
     """How many ranks of a pipeline stage hold this same gradient shard."""
     if not isinstance(grad, DTensor):
         return ranks_per_stage
-    distinct = math.prod(grad.device_mesh.size(i) for i, pl in enumerate(grad.placements) if pl.is_shard())
+    # Anything neither replicated nor partial splits the tensor (Shard, and FSDP's _StridedShard over tp).
+    distinct = math.prod(grad.device_mesh.size(i) for i, pl in enumerate(grad.placements)
+                         if not (pl.is_replicate() or pl.is_partial()))
     return ranks_per_stage // distinct
 
 

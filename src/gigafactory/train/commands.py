@@ -98,7 +98,7 @@ def chat(
 
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), help="run directory for the demo"),
-    steps: int = typer.Option(500, help="training steps"),
+    steps: int = typer.Option(150, help="training steps (16 x 256 tokens each)"),
 ) -> None:
     """Train the `small` Grok on the built-in Shakespeare corpus, then ask a persona one question."""
     import shutil
@@ -109,7 +109,11 @@ def demo(
 
     t0 = time.perf_counter()
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts fresh
-    result = run(make_config(model="small", steps=steps, run_dir=run_dir, eval_every=100, checkpoint_every=250))
+    result = run(
+        make_config(
+            model="small", steps=steps, run_dir=run_dir, warmup_steps=15, eval_every=50, checkpoint_every=50
+        )
+    )
     console.print(
         f"trained in {time.perf_counter() - t0:.0f} s; final validation {result.final_val_bpb:.3f} bits per byte",
         highlight=False,

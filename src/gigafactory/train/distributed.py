@@ -81,6 +81,13 @@ class Distributed:
         self.local_micro = micro // dp
         self.device = init_process_group()
         self.rank = dist.get_rank()
+        if cfg.dtype == "auto":
+            # `auto` on a CPU times a matmul probe; ranks must not decide differently, so rank 0 decides for all.
+            from gigafactory.train.device import pick_dtype
+
+            choice = [pick_dtype("auto", self.device) == torch.bfloat16 if self.rank == 0 else None]
+            dist.broadcast_object_list(choice, src=0)
+            cfg.dtype = "bf16" if choice[0] else "fp32"
         self.is_main = self.rank == 0
         self.par: Parallelized | None = None
         self.counter: CommCounter | None = None
@@ -128,12 +135,23 @@ class Distributed:
             total = self._mean_over_ranks(loss)
         tr.step += 1
         stats = {"loss": total, "lr": lr, "grad_norm": norm}
-        stats.update({f"comm_{k}_bytes": v for k, v in sorted(self.counter.bytes.items())})
+        stats.update(self._comm_bytes_mean())
         moe = [m for m in tr.model.modules() if hasattr(m, "last_stats") and m.last_stats]
         if moe:
             stats["lb_loss"] = sum(m.last_stats["lb_loss"] for m in moe) / len(moe)
             stats["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
         return stats
+
+    def _comm_bytes_mean(self) -> dict[str, float]:
+        """Bytes per collective averaged over ranks (routing makes all-to-all sizes differ from rank to rank;
+        the planner predicts the balanced figure). Outside the counter: this exchange is not part of a step."""
+        from gigafactory.parallel.report import KINDS
+
+        assert self.counter is not None
+        vec = torch.tensor([self.counter.bytes.get(k, 0.0) for k in KINDS], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec)
+        vec /= dist.get_world_size()
+        return {f"comm_{k}_bytes": float(v) for k, v in zip(KINDS, vec.tolist(), strict=True) if v}
 
     def _micro_steps(self, tr: Trainer) -> torch.Tensor:
         from gigafactory.parallel import local_targets
@@ -258,3 +276,41 @@ class NullMetrics:
 
 def metrics_log(d: Distributed | None) -> NullMetrics | None:
     return NullMetrics() if d is not None and not d.is_main else None
+
+
+def with_plan(options: dict[str, Any], plan: Path | None) -> dict[str, Any]:
+    """CLI options merged with a plan file: the plan fills what the user left at its default."""
+    if plan is None:
+        return options
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    merged = dict(options)
+    for key, value in read_plan(plan).items():
+        source = ctx.get_parameter_source(key) if ctx is not None else None
+        if options.get(key) is None or source in (ParameterSource.DEFAULT, None):
+            merged[key] = value
+    return merged
+
+
+def finish(cfg: TrainConfig, compare_plan: bool, console: Any) -> bool:
+    """After a run: rank 0 prints the measured-vs-predicted collective bytes if asked; the process group is torn
+    down. True on the rank that should print the run summary."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if compare_plan and main:
+        from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+        from gigafactory.specs import load_spec
+
+        spec = load_spec(cfg.model)
+        layout = layout_from_config(cfg) or Layout(dp_shard=env_world_size())
+        seq_len = cfg.seq_len or spec.max_seq_len
+        act = 2 if cfg.dtype == "bf16" else 4
+        rows = comparison_rows(measured_bytes(Path(cfg.run_dir) / "metrics.jsonl"),
+                               predicted_bytes(spec, layout, cfg.batch_size, cfg.grad_accum, seq_len, act))
+        console.print(f"bytes per collective per rank per step, layout {layout.short()}:", highlight=False)
+        console.print(format_rows(rows), highlight=False)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return main

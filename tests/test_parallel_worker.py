@@ -1,0 +1,51 @@
+"""One rank of a multi-process run for tests/test_parallel.py (started by torchrun; holds no tests itself).
+
+Trains the `tiny` model under a layout and saves, per rank, the losses and the full gradients of step 1 (taken
+just before the optimizer step, i.e. after clipping, so the global gradient norm is checked as well)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5):  # noqa: ANN201
+    from gigafactory.train.config import make_config
+
+    return make_config(model="tiny", steps=steps, run_dir=run_dir, batch_size=8, grad_accum=2, seq_len=32, lr=3e-3,
+                       warmup_steps=1, eval_every=100, eval_windows=4, checkpoint_every=3, dtype="fp32",
+                       layout=layout, resume=resume)
+
+
+def run(run_dir: str, layout: str | None, resume: bool) -> dict:
+    from gigafactory.train.loop import Trainer
+
+    tr = Trainer(config(run_dir, layout, resume), quiet=True)
+    grads: dict[str, torch.Tensor] = {}
+
+    def grab(_opt: object, _args: object, _kwargs: object) -> None:
+        if tr.step == 0:
+            for name, p in tr.model.named_parameters():
+                if p.grad is not None:
+                    g = p.grad
+                    grads[name] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+
+    tr.optimizer.register_step_pre_hook(grab)
+    result = tr.fit()
+    return {"losses": result.losses, "grads": grads, "trainer": tr}
+
+
+if __name__ == "__main__":
+    run_dir, layout, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
+    res = run(run_dir, layout, resume)
+    rank = int(os.environ["RANK"])
+    torch.save({"losses": res["losses"], "grads": res["grads"]}, f"{out}.rank{rank}.pt")
+    from gigafactory.train import distributed
+
+    distributed.finish(res["trainer"].cfg, False, None)
+    if rank == 0:
+        print(json.dumps(res["losses"]))
