@@ -140,11 +140,13 @@ class Experts(nn.Module):
         """`x` holds tokens grouped by expert, `counts[e]` of them for local expert e (a loop over experts,
         never over tokens)."""
         outs = []
+        # unbind once: indexing w[e] per expert would make backward write a full-size zero gradient per slice.
+        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
         for e, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
                 continue
-            h = F.gelu(chunk @ self.w_gate[e], approximate="tanh") * (chunk @ self.w_up[e])
-            outs.append(h @ self.w_down[e])
+            h = F.gelu(chunk @ gates[e], approximate="tanh") * (chunk @ ups[e])
+            outs.append(h @ downs[e])
         return torch.cat(outs) if outs else x.new_zeros(0, self.w_down.shape[-1])
 
 
