@@ -250,11 +250,9 @@ class Engine:
         t = max(n for _, n in group)
         starts = [seq.computed for seq, _ in group]
         lengths = [n for _, n in group]
-        tokens = torch.full((len(group), t), PAD_ID, dtype=torch.long)
-        positions = torch.zeros((len(group), t), dtype=torch.long)
-        for row, (seq, n) in enumerate(group):
-            tokens[row, :n] = torch.tensor(seq.tokens[seq.computed : seq.computed + n])
-            positions[row] = seq.computed + torch.arange(t).clamp(max=n - 1)
+        # Built as Python lists and converted once: per-row tensor writes cost more than the tiny model's math.
+        tokens = torch.tensor([seq.tokens[seq.computed : seq.computed + n] + [PAD_ID] * (t - n) for seq, n in group])
+        positions = torch.tensor([[seq.computed + min(j, n - 1) for j in range(t)] for seq, n in group])
         cache = PagedBatch(self.pool, [seq.table for seq, _ in group], starts, lengths)
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache)
         last = logits[torch.arange(len(group)), torch.tensor(lengths) - 1]  # [B, V]
