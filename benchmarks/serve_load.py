@@ -85,13 +85,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def one_request(client: httpx.AsyncClient, url: str, persona: str, max_tokens: int, rng: random.Random) -> Result:
+async def one_request(
+    client: httpx.AsyncClient, url: str, persona: str, max_tokens: int, rng: random.Random, temperature: float
+) -> Result:
     prompt = f"Stranger:\n{rng.choice(QUESTIONS)}\n\n{persona}:\n"
     body = {
         "model": persona,
         "prompt": prompt,
         "max_tokens": max_tokens,
-        "temperature": 0.8,
+        "temperature": temperature,
         "seed": rng.randrange(2**31),
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -139,6 +141,7 @@ async def run_load(
     max_tokens: int,
     seed: int,
     until: float | None = None,
+    temperature: float = 0.0,
 ) -> tuple[list[Result], float]:
     """n requests (or, with `until`, as many as fit before that time) from `concurrency` clients; with `rate`,
     arrivals are Poisson at `rate` per second (still at most `concurrency` in flight)."""
@@ -150,7 +153,7 @@ async def run_load(
 
         async def worker(persona: str) -> None:
             async with gate:
-                results.append(await one_request(client, url, persona, max_tokens, rng))
+                results.append(await one_request(client, url, persona, max_tokens, rng, temperature))
 
         t0 = time.perf_counter()
         tasks = []
@@ -213,6 +216,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: closed loop)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as vLLM's serving benchmark")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time server")
     ap.add_argument("--soak", type=float, default=0.0, help="seconds of 32 concurrent streams after the benchmark")
@@ -248,7 +252,16 @@ def main() -> None:
             personas = personas_of(url)
             asyncio.run(run_load(url, personas, 4, 4, None, 8, args.seed + 1))  # warm-up
             results, secs = asyncio.run(
-                run_load(url, personas, args.requests, args.concurrency, args.rate, args.max_tokens, args.seed)
+                run_load(
+                    url,
+                    personas,
+                    args.requests,
+                    args.concurrency,
+                    args.rate,
+                    args.max_tokens,
+                    args.seed,
+                    temperature=args.temperature,
+                )
             )
             return summarize(name, results, secs)
         finally:
@@ -279,7 +292,9 @@ def main() -> None:
                         await asyncio.sleep(5)
 
                 mem = asyncio.create_task(sample_memory())
-                out = await run_load(url, personas, 0, 32, None, args.max_tokens, args.seed + 2, until=end)
+                out = await run_load(
+                    url, personas, 0, 32, None, args.max_tokens, args.seed + 2, until=end, temperature=args.temperature
+                )
                 await mem
                 return out
 

@@ -256,15 +256,19 @@ class Engine:
         cache = PagedBatch(self.pool, [seq.table for seq, _ in group], starts, lengths)
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache)
         last = logits[torch.arange(len(group)), torch.tensor(lengths) - 1]  # [B, V]
+        # Greedy rows share one argmax (what `sample` does at temperature 0); the others sample one by one,
+        # each with its own generator, exactly as `generate` does.
+        greedy = last.argmax(-1).tolist() if any(seq.params.temperature <= 0 for seq, _ in group) else []
         for row, (seq, n) in enumerate(group):
             seq.computed += n
             self.pool.register_full_blocks(seq.tokens, seq.computed, seq.table)
             if seq.computed == len(seq.tokens):
-                self._append(seq, last[row : row + 1])
+                self._append(seq, last[row : row + 1], greedy[row] if seq.params.temperature <= 0 else None)
 
-    def _append(self, seq: Sequence, logits: Tensor) -> None:
+    def _append(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
         p = seq.params
-        token = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator))
+        if token is None:
+            token = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator))
         now = time.monotonic()
         if seq.last_token_at is None:
             self.metrics.ttft.observe(now - seq.arrival)
