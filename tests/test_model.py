@@ -92,7 +92,7 @@ def test_moe_matches_a_per_token_reference():
     w = moe.experts
     for n in range(flat.shape[0]):  # the obvious loop over tokens, for reference only
         gates, idx = probs[n].topk(TINY.top_k)
-        for g, e in zip(gates, idx):
+        for g, e in zip(gates, idx, strict=True):
             h = F.gelu(flat[n] @ w.w_gate[e], approximate="tanh") * (flat[n] @ w.w_up[e])
             ref[n] += g * (h @ w.w_down[e])  # gates are not renormalised
     torch.testing.assert_close(y.reshape(-1, TINY.d_model), ref, atol=1e-5, rtol=1e-4)

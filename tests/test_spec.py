@@ -16,7 +16,7 @@ def test_module_parameter_count_equals_spec_formula(name):
         model = GrokModel(spec)
     assert sum(p.numel() for p in model.parameters()) == spec.params_total
     # Active = total minus the experts a token does not visit, counted from the module's own tensors.
-    experts = sum(m.experts.w_gate.numel() + m.experts.w_up.numel() + m.experts.w_down.numel() for m in model.moe_layers())
+    experts = sum(sum(p.numel() for p in m.experts.parameters()) for m in model.moe_layers())
     idle = experts * (spec.n_experts - spec.top_k) // spec.n_experts
     assert spec.params_total - idle == spec.params_active
 
@@ -55,7 +55,11 @@ def test_user_spec_from_toml_and_json(tmp_path):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"n_heads": 3}, "does not divide d_model"), ({"top_k": 5}, "exceeds n_experts"), ({"n_kv_heads": 3}, "n_kv_heads")],
+    [
+        ({"n_heads": 3}, "does not divide d_model"),
+        ({"top_k": 5}, "exceeds n_experts"),
+        ({"n_kv_heads": 3}, "n_kv_heads"),
+    ],
 )
 def test_bad_specs_fail_with_one_line(tmp_path, change, message):
     path = tmp_path / "bad.json"

@@ -39,7 +39,9 @@ class ChatSession:
         for t in generate(self.model, ids, max_tokens, temperature, top_k, top_p, seed, stop):
             out.append(t)
             text = self.tok.decode(out).split(END_OF_SPEECH)[0]
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            # Hold back what may still change: half a UTF-8 character, or a newline that may open a blank line.
+            settled = text.rstrip("\ufffd").rstrip("\n")
+            if len(settled) > len(shown):
+                yield settled[len(shown) :]
+                shown = settled
         self.history.append(("persona", shown))

@@ -86,27 +86,24 @@ def restore_rng(encoded: dict[str, str]) -> None:
         torch.cuda.set_rng_state(tensor("cuda"))
 
 
-def save(
-    run_dir: Path,
-    step: int,
-    state: dict[str, Any],
-    meta: dict[str, Any],
-    keep_last: int = 3,
-    writer: Callable[[dict[str, Any], Path], None] | None = None,
-) -> Path:
-    """Write `state` (model/optimizer state dicts, possibly sharded) with DCP and commit it atomically.
-
-    Collective when a process group exists: every rank writes its shards, rank 0 writes the manifest and
-    renames. `writer` replaces the DCP call (the async saver passes its own)."""
+def begin(run_dir: Path, step: int) -> Path:
+    """The temporary folder a save of `step` writes into (collective: rank 0 creates it, all ranks wait)."""
     root = ckpt_root(run_dir)
-    final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    (writer or (lambda s, p: dcp.save(s, checkpoint_id=str(p))))(state, tmp)
+    return tmp
+
+
+def commit(run_dir: Path, step: int, meta: dict[str, Any], keep_last: int = 3) -> Path:
+    """After every rank has written its shards: rank 0 checksums them, writes the manifest, renames the folder
+    into place and applies retention. Until the rename, loaders do not see this checkpoint at all."""
+    root = ckpt_root(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
     _barrier()
     if _rank() == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -130,6 +127,21 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int = 3,
+    writer: Callable[[dict[str, Any], Path], None] | None = None,
+) -> Path:
+    """Write `state` (model/optimizer state dicts, possibly sharded) with DCP and commit it atomically.
+    Collective when a process group exists. `writer` replaces the DCP call (tests inject failures with it)."""
+    tmp = begin(run_dir, step)
+    (writer or (lambda s, p: dcp.save(s, checkpoint_id=str(p))))(state, tmp)
+    return commit(run_dir, step, meta, keep_last)
 
 
 def verify(path: Path) -> dict[str, Any]:

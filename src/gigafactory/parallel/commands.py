@@ -24,7 +24,9 @@ def launch(
     cmd += ["--standalone"] if port == 0 else ["--master-addr=127.0.0.1", f"--master-port={port}"]
     cmd += ["-m", "gigafactory", *args]
     # CPU ranks share the cores: one thread each avoids oversubscription (torchrun would warn and do the same).
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared, ranks restarted by --max-restarts can
+    # be handed their dead peers' addresses and fail to reconnect (pytorch/pytorch#135712).
+    env = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 

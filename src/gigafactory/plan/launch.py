@@ -48,12 +48,15 @@ def train_config(spec: ModelSpec, cost: StepCost, gpu: GPUSpec, n_gpus: int, tok
 
 
 def torchrun_command(cfg: dict[str, Any], plan_path: str = "plan.json") -> str:
+    # --max-restarts: the elastic agent restarts failed ranks and the trainer resumes by itself; the env var keeps
+    # restarted ranks from reading their dead peers' addresses (pytorch/pytorch#135712).
     args = [
-        "torchrun", f"--nnodes={cfg['nodes']}", f"--nproc-per-node={cfg['gpus_per_node']}",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        "torchrun", f"--nnodes={cfg['nodes']}", f"--nproc-per-node={cfg['gpus_per_node']}", "--max-restarts=3",
         "--rdzv-backend=c10d", "--rdzv-endpoint=${MASTER_ADDR}:29500", "--rdzv-id=${JOB_ID:-gigafactory}",
         "-m", "gigafactory", "train", "--plan", plan_path,
     ]
-    return " ".join(a if "$" in a else shlex.quote(a) for a in args)
+    return " ".join(a if "$" in a or ("=" in a and a.isupper()) else shlex.quote(a) for a in args)
 
 
 def slurm_script(cfg: dict[str, Any], plan_path: str = "plan.json") -> str:
@@ -70,7 +73,7 @@ set -euo pipefail
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export JOB_ID=$SLURM_JOB_ID
 # one torchrun per node; torchrun starts one process per GPU and restarts them on failure
-srun --kill-on-bad-exit=1 bash -c '{torchrun_command(cfg, plan_path)} --resume auto'
+srun --kill-on-bad-exit=1 bash -c '{torchrun_command(cfg, plan_path)} --auto-resume'
 """
 
 

@@ -223,4 +223,5 @@ def load_spec(name_or_path: str) -> ModelSpec:
         data = data.get("model", data)
         data.setdefault("name", path.stem)
         return spec_from_dict(data, str(path))
-    raise UserError(f"unknown model {name_or_path!r}; choose a preset ({', '.join(PRESETS)}) or a .toml/.json spec file")
+    presets = ", ".join(PRESETS)
+    raise UserError(f"unknown model {name_or_path!r}; choose a preset ({presets}) or a .toml/.json spec file")

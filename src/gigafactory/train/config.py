@@ -32,15 +32,24 @@ class TrainConfig(BaseModel):
     z_loss_weight: float = Field(1e-3, ge=0, description="router z-loss weight")
     eval_every: int = Field(100, gt=0)
     eval_windows: int = Field(48, gt=0, description="validation windows of seq_len tokens per evaluation")
-    checkpoint_every: int = Field(100, gt=0)
+    checkpoint_every: int | Literal["auto"] = Field(
+        100, description="steps between checkpoints, or 'auto' for Young/Daly from the measured cost and MTBF"
+    )
+    async_checkpoint: bool = Field(True, description="write checkpoints in the background (DCP async_save)")
+    fleet_gpus: int | None = Field(None, gt=0, description="GPU count whose MTBF sets the auto cadence")
+    max_bad_steps: int = Field(3, ge=0, description="non-finite steps in a row before a rollback; 0 = never")
+    hang_timeout_s: float = Field(600.0, ge=0, description="watchdog: end a rank with no step for this long")
     keep_last: int = Field(3, gt=0)
     seed: int = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     resume: bool = False
+    auto_resume: bool = Field(False, description="resume if the run has a checkpoint, else start (Slurm requeue)")
     layout: str | None = Field(None, description="parallel layout, e.g. 'dp_shard=2,tp=2' (run under torchrun)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if isinstance(self.checkpoint_every, int) and self.checkpoint_every <= 0:
+            raise ValueError("checkpoint_every must be a positive number of steps or 'auto'")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
         return self

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gigafactory.errors import UserError
 from gigafactory import tokenizer as toklib
+from gigafactory.errors import UserError
 from gigafactory.personas import save_personas
 from gigafactory.util import atomic_write_bytes, atomic_write_text
 

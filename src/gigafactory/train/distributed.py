@@ -103,6 +103,18 @@ class Distributed:
         self.counter = CommCounter()
         return self.par.model
 
+    @property
+    def world(self) -> int:
+        return dist.get_world_size()
+
+    def gather_step_times(self, seconds: float) -> list[float]:
+        """Every rank's step time, for straggler reports (bookkeeping: not counted as training traffic)."""
+        assert self.counter is not None
+        out = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(self.world)]
+        with self.counter.bookkeeping():
+            dist.all_gather(out, torch.tensor(seconds, dtype=torch.float64, device=self.device))
+        return [float(t) for t in out]
+
     def _dp_slice(self, t: torch.Tensor) -> torch.Tensor:
         n = self.local_micro
         return t[self.dp_rank * n : (self.dp_rank + 1) * n]
@@ -130,7 +142,8 @@ class Distributed:
             else:
                 loss = self._micro_steps(tr)
             norm = par.clip_grad_norm_(cfg.grad_clip or float("inf"), self.counter)
-            tr.optimizer.step()
+            if tr.guard.allows(float(norm)):  # the norm is global, so every rank skips or steps together
+                tr.optimizer.step()
             tr.optimizer.zero_grad(set_to_none=True)
             total = self._mean_over_ranks(loss)
         tr.step += 1
@@ -166,7 +179,7 @@ class Distributed:
             with tr._autocast():
                 logits = tr.model(x)
             y = local_targets(y, self.par.tp_mesh)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss = tr.faults.poison(tr.step + 1, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
             # Each tp rank scores its own tokens: the global mean is the average over tp ranks, and the partial
             # gradients of replicated weights are summed over tp.
             (loss / (cfg.grad_accum * tp)).backward()
@@ -268,6 +281,9 @@ class NullMetrics:
     """What ranks other than 0 write metrics to: nothing (rank 0 logs the values averaged over ranks)."""
 
     def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate(self, step: int) -> None:
         pass
 
     def close(self) -> None:

@@ -29,6 +29,16 @@ from gigafactory.train import data as datalib
 from gigafactory.train import distributed
 from gigafactory.train.config import TrainConfig
 from gigafactory.train.device import peak_flops, pick_device, pick_dtype
+from gigafactory.train.resilience import (
+    Checkpointer,
+    FaultInjector,
+    SpikeDetector,
+    StepGuard,
+    Watchdog,
+    restarted,
+    stragglers,
+    young_daly_steps,
+)
 from gigafactory.util import atomic_write_text
 
 console = Console(stderr=True)
@@ -57,15 +67,23 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        if resume_step is None:
-            atomic_write_text(path, "")
-        elif path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-        self._f = open(path, "a")
+        self._f = None
+        self.truncate(resume_step or 0)
+
+    def truncate(self, step: int) -> None:
+        """Keep the records up to `step` (all of them written by a history that step continues)."""
+        if self._f is not None:
+            self._f.close()
+        kept = []
+        if step > 0 and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self._f = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        # Strict JSON: a skipped step's non-finite loss is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -114,7 +132,9 @@ class Trainer:
         self.step = 0
         self.resumed_from: int | None = None
         self.notes: list[str] = []
-        if cfg.resume:
+        self.faults = FaultInjector()
+        self.guard = StepGuard(cfg.max_bad_steps)
+        if cfg.resume or cfg.auto_resume or restarted():  # after an elastic restart every rank resumes by itself
             self._resume()
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.spec.flops_per_token(self.seq_len)
@@ -132,24 +152,30 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def _resume(self) -> None:
+    def _resume(self, keep_data_position: bool = False) -> bool:
+        """Load the newest good checkpoint; with `keep_data_position` (a rollback) the batches since are skipped."""
         state = self._state()
         loaded = ckpt.load_latest(self.run_dir, state)
         if loaded is None:
             self.notes.append(f"no checkpoint in {self.run_dir}; starting from step 0")
-            return
+            return False
         for line in loaded.skipped:
             self.notes.append(f"{line}; falling back to an older checkpoint")
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         m = loaded.manifest
         self.step = self.resumed_from = int(m["step"])
-        self.sampler.position = int(m["data_position"])
+        if not keep_data_position:
+            self.sampler.position = int(m["data_position"])
         ckpt.restore_rng(m["rng"])
         self.notes.append(f"resumed from {loaded.path.name} (step {self.step})")
+        return True
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, checkpointer: Checkpointer | None = None) -> None:
         meta = {"data_position": self.sampler.position, "rng": ckpt.encode_rng(), "seq_len": self.seq_len}
-        return ckpt.save(self.run_dir, self.step, self._state(), meta, keep_last=self.cfg.keep_last)
+        if checkpointer is None:
+            ckpt.save(self.run_dir, self.step, self._state(), meta, keep_last=self.cfg.keep_last)
+        else:
+            checkpointer.save(self.step, self._state(), meta)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -171,11 +197,12 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss = self.faults.poison(self.step + 1, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        self.optimizer.step()
+        if self.guard.allows(float(norm)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         stats = {"loss": total, "lr": lr, "grad_norm": float(norm)}
@@ -206,8 +233,9 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        for note in self.notes:
-            console.print(f"[yellow]{note}[/]", highlight=False)
+        if self.dist is None or self.dist.is_main:
+            for note in self.notes:
+                console.print(f"[yellow]{note}[/]", highlight=False)
         metrics = distributed.metrics_log(self.dist) or MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
         result = TrainResult(self.run_dir, cfg.steps, resumed_from=self.resumed_from)
         tokens_per_step = cfg.batch_size * self.seq_len
@@ -222,10 +250,15 @@ class Trainer:
             console=console,
             disable=self.quiet,
         )
+        checkpointer = Checkpointer(self.run_dir, cfg.keep_last, cfg.async_checkpoint)
+        spikes = SpikeDetector()
+        watchdog = Watchdog(cfg.hang_timeout_s) if cfg.hang_timeout_s > 0 else None
+        every = cfg.checkpoint_every if isinstance(cfg.checkpoint_every, int) else None  # None: auto, decided below
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, info="")
-            end = min(cfg.steps, cfg.stop_after or cfg.steps)
             while self.step < end:
+                self.faults.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 stats = self.train_step()
                 if self.device.type == "cuda":
@@ -234,19 +267,68 @@ class Trainer:
                 tps = tokens_per_step / dt
                 record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
                 record["mfu"] = tps * self.flops_per_token / self.peak
+                if self.dist is not None:
+                    times = self.dist.gather_step_times(dt)
+                    record["step_time_max_s"] = max(times)
+                    if slow := stragglers(times):
+                        record["stragglers"] = slow
+                if self.guard.skipped and self.guard.bad_in_a_row:
+                    record["skipped"] = "non-finite gradient: update skipped"
+                    console.print(f"step {self.step}: non-finite loss/gradient, update skipped "
+                                  f"({self.guard.bad_in_a_row} in a row)", highlight=False)
+                elif spikes.is_spike(stats["loss"]):
+                    record["loss_spike"] = True
+                    console.print(f"step {self.step}: loss spike ({stats['loss']:.3f})", highlight=False)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     record.update(self.evaluate())
                     result.final_val_bpb = record["val_bits_per_byte"]
                 metrics.write(record)
                 result.losses.append(stats["loss"])
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
-                    self.save_checkpoint()
+                if self.guard.wants_rollback:
+                    self._rollback(checkpointer, metrics, result)
+                    continue
+                if every is None and self.step == 1:
+                    self.save_checkpoint(checkpointer)  # measures the checkpoint cost C
+                    every = self._auto_interval(checkpointer.last_blocking_s, dt, end)
+                elif (every and self.step % every == 0) or self.step == end:
+                    self.save_checkpoint(checkpointer)
+                checkpointer.poll()
+                if watchdog is not None:
+                    watchdog.beat()
                 info = f"loss {stats['loss']:.3f}  {tps:,.0f} tok/s  MFU {record['mfu']:.1%}"
                 if "val_bits_per_byte" in record:
                     info += f"  val {record['val_bits_per_byte']:.3f} bpb"
                 progress.update(task, completed=self.step, info=info)
+        checkpointer.wait()
+        if watchdog is not None:
+            watchdog.stop()
         metrics.close()
         return result
+
+
+    def _auto_interval(self, cost_s: float, step_s: float, end: int) -> int:
+        """`--checkpoint-every auto`: Young/Daly from the measured save cost and the simulator's MTBF."""
+        from gigafactory.sim import mtbf_seconds
+
+        gpus = self.cfg.fleet_gpus or (self.dist.world if self.dist is not None else 1)
+        mtbf = mtbf_seconds(gpus)
+        every = young_daly_steps(cost_s, mtbf, step_s, end)
+        console.print(f"checkpoint every {every} steps: Young/Daly with a {cost_s:.2f} s save and an MTBF of "
+                      f"{mtbf / 3600:.1f} h for {gpus:,} GPUs", highlight=False)
+        return every
+
+    def _rollback(self, checkpointer: Checkpointer, metrics: Any, result: TrainResult) -> None:
+        checkpointer.wait()
+        bad = self.guard.bad_in_a_row
+        self.notes.clear()
+        if not self._resume(keep_data_position=True):
+            raise UserError(f"{bad} non-finite steps in a row and no checkpoint to roll back to; lower the "
+                            "learning rate or check the data")
+        self.guard.bad_in_a_row = 0
+        metrics.truncate(self.step)
+        del result.losses[self.step - (result.resumed_from or 0) :]
+        console.print(f"{bad} non-finite steps in a row: rolled back to step {self.step}, skipping those batches",
+                      highlight=False)
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> TrainResult:

@@ -1,0 +1,193 @@
+"""Surviving failures: asynchronous checkpoints, non-finite and spike guards, a hang watchdog, straggler
+reports, Young/Daly checkpoint cadence, and a fault-injection hook for tests.
+
+Recovery itself is torchrun's elastic agent (`--max-restarts`): when a rank dies or the watchdog ends a hung
+one, the agent restarts every rank with TORCHELASTIC_RESTART_COUNT > 0, and the trainer then resumes from the
+newest verified checkpoint (`restarted()`), with the data position and RNG states of that step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from gigafactory import checkpoint as ckpt
+
+
+def restarted() -> bool:
+    """True in a process that torchrun's elastic agent started again after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+class Checkpointer:
+    """Saves through DCP; in async mode the step loop only waits for the state to be copied to host memory,
+    the files are written by a background thread, and the checkpoint is committed (manifest + rename) at the
+    first step boundary after every rank's writes are done (`poll`). DCP's own collectives and the done-flags
+    use dedicated gloo groups, so they never queue behind training collectives."""
+
+    def __init__(self, run_dir: Path, keep_last: int, asynchronous: bool) -> None:
+        self.run_dir, self.keep_last, self.asynchronous = run_dir, keep_last, asynchronous
+        self._pending: tuple[Future[Any], int, dict[str, Any]] | None = None
+        self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self._flags = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self.last_blocking_s = 0.0  # what the step loop paid for the last save: the "C" of Young/Daly
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        if not self.asynchronous:
+            ckpt.save(self.run_dir, step, state, meta, self.keep_last)
+        else:
+            tmp = ckpt.begin(self.run_dir, step)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            self._pending = (future, step, meta)  # type: ignore[assignment]
+        self.last_blocking_s = time.perf_counter() - t0
+
+    def poll(self) -> None:
+        """Commit the save in flight if every rank has finished writing (cheap; call once per step)."""
+        if self._pending is None:
+            return
+        done = self._pending[0].done()
+        if self._flags is not None:
+            flag = torch.tensor([int(done)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._flags)
+            done = bool(flag.item())
+        if done:
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish and commit the save in flight, if any."""
+        if self._pending is None:
+            return
+        future, step, meta = self._pending
+        self._pending = None
+        future.result()
+        ckpt.commit(self.run_dir, step, meta, self.keep_last)
+
+
+class StepGuard:
+    """Decides whether an optimizer step may be applied: a non-finite gradient norm (global, so every rank
+    agrees) skips the update; `max_bad` of them in a row ask for a rollback to the last checkpoint."""
+
+    def __init__(self, max_bad: int) -> None:
+        self.max_bad = max_bad
+        self.bad_in_a_row = 0
+        self.skipped = 0
+
+    def allows(self, grad_norm: float) -> bool:
+        if math.isfinite(grad_norm):
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        self.skipped += 1
+        return False
+
+    @property
+    def wants_rollback(self) -> bool:
+        return self.max_bad > 0 and self.bad_in_a_row >= self.max_bad
+
+
+class SpikeDetector:
+    """Flags a loss far above its recent history (mean + `sigmas`·std over a window and 20% above the mean),
+    the early sign of divergence that large runs watch for."""
+
+    def __init__(self, window: int = 50, sigmas: float = 4.0, warmup: int = 10) -> None:
+        self.history: deque[float] = deque(maxlen=window)
+        self.sigmas, self.warmup = sigmas, warmup
+
+    def is_spike(self, loss: float) -> bool:
+        spike = False
+        if len(self.history) >= self.warmup and math.isfinite(loss):
+            mean = statistics.fmean(self.history)
+            std = statistics.pstdev(self.history)
+            spike = loss > mean + self.sigmas * std and loss > 1.2 * mean
+        if math.isfinite(loss) and not spike:
+            self.history.append(loss)
+        return spike
+
+
+class Watchdog:
+    """Ends this process if no step finishes within `timeout_s`: a rank stuck in a collective (a peer died or
+    hangs) exits, so the elastic agent can restart the group instead of the job hanging until a human looks."""
+
+    def __init__(self, timeout_s: float, exit_code: int = 70) -> None:
+        self.timeout_s, self.exit_code = timeout_s, exit_code
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gigafactory-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._beat
+            if idle > self.timeout_s:
+                print(f"watchdog: no step finished for {idle:.0f} s (limit {self.timeout_s:.0f} s); ending this rank "
+                      "so the elastic agent restarts the job", file=sys.stderr, flush=True)
+                os._exit(self.exit_code)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def stragglers(step_times: list[float], ratio: float = 1.5) -> list[int]:
+    """Ranks whose step took more than `ratio` × the median of all ranks."""
+    if len(step_times) < 2:
+        return []
+    median = statistics.median(step_times)
+    return [r for r, t in enumerate(step_times) if median > 0 and t > ratio * median]
+
+
+def young_daly_steps(checkpoint_cost_s: float, mtbf_s: float, step_time_s: float, max_steps: int) -> int:
+    """Checkpoint interval in steps: √(2·C·MTBF) seconds (Young 1974, Daly 2006), within [1, max_steps]."""
+    interval_s = math.sqrt(2 * max(checkpoint_cost_s, 1e-6) * mtbf_s)
+    return int(min(max_steps, max(1, round(interval_s / max(step_time_s, 1e-9)))))
+
+
+class FaultInjector:
+    """Test hook, off unless GIGAFACTORY_FAULT is set: `kill:rank=R:step=S` (SIGKILL this rank before step S,
+    first attempt only), `nan:step=S` (a non-finite loss at step S: a bad batch, so once; a rollback skips it),
+    `hang:rank=R:step=S` (stop responding)."""
+
+    def __init__(self, spec: str | None = None) -> None:
+        self.faults: list[tuple[str, dict[str, int]]] = []
+        self.fired: set[tuple[str, int]] = set()
+        for item in (spec if spec is not None else os.environ.get("GIGAFACTORY_FAULT", "")).split(","):
+            if not item.strip():
+                continue
+            kind, *args = item.strip().split(":")
+            self.faults.append((kind, {k: int(v) for k, v in (a.split("=") for a in args)}))
+
+    def _match(self, kind: str, step: int) -> bool:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return any(
+            k == kind and a.get("step") == step and a.get("rank", rank) == rank for k, a in self.faults
+        )
+
+    def before_step(self, step: int) -> None:
+        if not restarted() and self._match("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if not restarted() and self._match("hang", step):
+            while True:
+                time.sleep(3600)
+
+    def poison(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if ("nan", step) in self.fired or not self._match("nan", step):
+            return loss
+        self.fired.add(("nan", step))
+        return loss * float("nan")

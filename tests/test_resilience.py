@@ -1,0 +1,146 @@
+"""Surviving failures: kill a rank under torchrun's elastic agent and lose nothing; NaN guard and rollback;
+watchdog; spike and straggler detection; Young/Daly cadence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gigafactory import checkpoint as ckpt
+from gigafactory.train.config import make_config
+from gigafactory.train.loop import Trainer
+from gigafactory.train.resilience import SpikeDetector, StepGuard, stragglers, young_daly_steps
+
+FAST = dict(model="tiny", batch_size=4, seq_len=64, eval_every=100, eval_windows=2, warmup_steps=2, dtype="fp32")
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun_train(run_dir, steps, fault=None, max_restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--max-restarts={max_restarts}", "-m", "gigafactory", "train", "--model", "tiny", "--steps", str(steps),
+           "--run-dir", str(run_dir), "--layout", "dp_shard=2", "--batch-size", "4", "--seq-len", "64",
+           "--dtype", "fp32", "--checkpoint-every", "4", "--eval-every", "100", "--warmup-steps", "2"]
+    # Without this, torchrun's shared rendezvous store hands restarted ranks their dead peers' addresses
+    # (pytorch/pytorch#135712): the restart then fails to connect.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop("GIGAFACTORY_FAULT", None)
+    if fault:
+        env["GIGAFACTORY_FAULT"] = fault
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+
+
+def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path):
+    clean = torchrun_train(tmp_path / "clean", 10)
+    assert clean.returncode == 0, clean.stderr[-8000:]
+    # SIGKILL rank 1 before step 7: after the checkpoint of step 4 and before that of step 8.
+    hurt = torchrun_train(tmp_path / "hurt", 10, fault="kill:rank=1:step=7", max_restarts=3)
+    assert hurt.returncode == 0, hurt.stderr[-3000:]
+    assert "resumed from step_000004" in hurt.stderr
+    assert "Signals.SIGKILL" in hurt.stderr or "SIGKILL" in hurt.stderr or "exitcode: -9" in hurt.stderr
+    a, b = metrics(tmp_path / "clean"), metrics(tmp_path / "hurt")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=0, abs_tol=1e-6), (x["step"], x["loss"], y["loss"])
+    assert all("step_time_max_s" in r for r in b)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "hurt")][0] == "step_000010"
+
+
+def test_nan_batch_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIGAFACTORY_FAULT", "nan:step=3")
+    tr = Trainer(make_config(run_dir=tmp_path / "run", steps=6, checkpoint_every=2, **FAST), quiet=True)
+    before = {}
+
+    def snapshot(trainer):
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    original = tr.train_step
+
+    def spy():
+        if tr.step == 2:
+            before["params"] = snapshot(tr)
+        out = original()
+        if tr.step == 3:
+            before["after"] = snapshot(tr)
+        return out
+
+    tr.train_step = spy
+    tr.fit()
+    rows = metrics(tmp_path / "run")
+    assert rows[2]["step"] == 3 and rows[2]["loss"] is None and "skipped" in rows[2]
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in rows if r["step"] != 3)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for k, v in before["params"].items():  # the poisoned step changed nothing
+        assert (v == before["after"][k]).all(), k
+    assert tr.guard.skipped == 1
+
+
+def test_repeated_non_finite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GIGAFACTORY_FAULT", "nan:step=5,nan:step=6")
+    cfg = make_config(run_dir=tmp_path / "run", steps=8, checkpoint_every=4, max_bad_steps=2, **FAST)
+    Trainer(cfg, quiet=True).fit()
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 9))  # the history restarts at 4 after the rollback
+    assert all(r["loss"] is not None for r in rows)  # the bad steps were replaced (their batches skipped)
+    assert "rolled back to step 4" in capsys.readouterr().err
+
+
+def test_async_checkpoints_commit_with_verified_manifests(tmp_path):
+    run = tmp_path / "run"
+    Trainer(make_config(run_dir=run, steps=6, checkpoint_every=2, async_checkpoint=True, **FAST), quiet=True).fit()
+    found = ckpt.list_checkpoints(run)
+    assert [p.name for p in found] == ["step_000006", "step_000004", "step_000002"]
+    for p in found:
+        manifest = ckpt.verify(p)
+        assert manifest["data_position"] == manifest["step"]
+    assert not list((run / "ckpt").glob(".*"))  # nothing half-written left behind
+
+
+def test_auto_cadence_uses_young_daly(tmp_path, capsys):
+    cfg = make_config(run_dir=tmp_path / "run", steps=6, checkpoint_every="auto", fleet_gpus=100_000, **FAST)
+    Trainer(cfg, quiet=True).fit()
+    err = capsys.readouterr().err
+    assert "checkpoint every" in err and "Young/Daly" in err and "100,000 GPUs" in err
+    assert ckpt.list_checkpoints(tmp_path / "run")[0].name == "step_000006"
+
+
+def test_young_daly_closed_form():
+    # C = 10 s, MTBF = 5 h: sqrt(2·10·18000) = 600 s; at 2 s per step, 300 steps.
+    assert young_daly_steps(10.0, 18_000.0, 2.0, 10_000) == 300
+    assert young_daly_steps(10.0, 18_000.0, 2.0, 100) == 100
+    assert young_daly_steps(1e-3, 1.0, 10.0, 100) == 1
+
+
+def test_guards_spikes_and_stragglers():
+    guard = StepGuard(max_bad=2)
+    assert guard.allows(1.0) and not guard.allows(float("nan")) and not guard.wants_rollback
+    assert not guard.allows(float("inf")) and guard.wants_rollback
+    assert guard.allows(2.0) and not guard.wants_rollback
+    spikes = SpikeDetector(window=20, sigmas=4, warmup=10)
+    assert not any(spikes.is_spike(3.0 + 0.01 * (i % 3)) for i in range(15))
+    assert spikes.is_spike(6.0)
+    assert not spikes.is_spike(3.01)
+    assert stragglers([1.0, 1.1, 0.9, 2.5]) == [3]
+    assert stragglers([1.0, 1.2]) == []
+
+
+def test_watchdog_ends_a_hung_process():
+    code = ("import time; from gigafactory.train.resilience import Watchdog; Watchdog(1.0); time.sleep(30)")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 70 and "watchdog" in proc.stderr
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "soon"])
+def test_bad_checkpoint_cadence_is_a_one_line_error(tmp_path, cli, bad):
+    proc = cli("train", "--model", "tiny", "--steps", "2", "--run-dir", str(tmp_path / "r"), "--checkpoint-every", bad)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "checkpoint_every" in proc.stderr
