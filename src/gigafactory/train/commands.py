@@ -106,7 +106,7 @@ def chat(
 
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), help="run directory for the demo"),
-    steps: int = typer.Option(150, help="training steps (16 x 256 tokens each)"),
+    steps: int = typer.Option(120, help="training steps (16 x 256 tokens each)"),
 ) -> None:
     """Train the `small` Grok on the built-in Shakespeare corpus, then ask a persona one question."""
     import shutil
@@ -119,7 +119,8 @@ def demo(
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts fresh
     result = run(
         make_config(
-            model="small", steps=steps, run_dir=run_dir, warmup_steps=15, eval_every=50, checkpoint_every=50
+            model="small", steps=steps, run_dir=run_dir, lr=5e-3, warmup_steps=12, eval_every=40,
+            checkpoint_every=40,
         )
     )
     console.print(
