@@ -95,3 +95,12 @@ def test_spec_cli_json(cli):
 def test_embedding_multiplier_default_is_neutral():
     assert ModelSpec(**{**PRESETS["tiny"].model_dump(), "embedding_multiplier": 1.0}).embedding_multiplier == 1.0
     assert math.isclose(PRESETS["grok-1"].embedding_multiplier, math.sqrt(6144), rel_tol=1e-3)
+
+
+def test_cli_start_up_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, gigafactory.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # planning and simulating stay instant

@@ -29,7 +29,7 @@ def _register() -> None:
         "gigafactory.train.commands",
         "gigafactory.sim.commands",
         "gigafactory.plan.commands",
-        "gigafactory.parallel.commands",
+        "gigafactory.train.launch",
         "gigafactory.serve.commands",
     ):
         importlib.import_module(module).register(app)
