@@ -119,8 +119,10 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
     rows = comparison_rows(measured_bytes(runs[name]["metrics"]), predicted)
     print(f"\n{layout.short()}\n{format_rows(rows)}")
     for row in rows:
-        if row["predicted"]:  # what the planner models must agree; what it leaves out is printed above
-            assert abs(row["rel_diff"]) <= 0.10, row
+        if row["collective"] == "other":  # bookkeeping scalars (loss mean, global grad norm), not model traffic
+            assert row["measured"] < 1024, row
+            continue
+        assert row["predicted"] and abs(row["rel_diff"]) <= 0.10, row  # every collective used is predicted
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ def predicted_bytes(spec: ModelSpec, layout: Layout, batch_size: int, grad_accum
     parameters are gathered in fp32 unless training in bf16 (FSDP then gathers bf16 copies)."""
     micro = batch_size // grad_accum // layout.dp
     lay = layout.model_copy(update={"micro_batch": micro})
-    return collective_bytes(spec, lay, batch_size, seq_len, dtype_bytes=act_bytes, grad_bytes=4)
+    # This trainer's TP keeps the embedding/head whole on every tp rank and sums router gate gradients over tp.
+    return collective_bytes(spec, lay, batch_size, seq_len, dtype_bytes=act_bytes, grad_bytes=4,
+                            vocab_parallel=False, router_grads_over_tp=True)
 
 
 def measured_bytes(metrics_path: Path) -> dict[str, float]:

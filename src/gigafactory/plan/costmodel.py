@@ -365,6 +365,8 @@ def collective_bytes(
     grad_bytes: int = 4,
     reshard_after_forward: bool = True,
     sequence_parallel: bool = True,
+    vocab_parallel: bool = True,
+    router_grads_over_tp: bool = False,
 ) -> dict[str, float]:
     """Payload bytes per rank per optimizer step of each collective (see docs/plan.md for the convention).
 
@@ -374,7 +376,10 @@ def collective_bytes(
     micro-batch otherwise, and always for the root unit's embedding/head, which FSDP2 does not reshard);
     gradients are reduce-scattered once per step (gradient accumulation without sync) in ``grad_bytes``
     precision; HSDP all-reduces the sharded gradient over dp_replicate. Figures are for the busiest rank
-    (a middle pipeline stage holding the largest share of layers).
+    (a middle pipeline stage holding the largest share of layers). Under tensor parallelism the weights every tp
+    rank holds whole (norms; the embedding/head unless ``vocab_parallel``) see only this rank's sequence slice, so
+    their gradients are all-reduced over tp in every backward (Megatron-LM does this for its norms under sequence
+    parallelism); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums over tp.
     """
     lay = layout
     dp = lay.dp
@@ -384,7 +389,8 @@ def collective_bytes(
     parts = _parts(spec)
     layers = math.ceil(spec.n_layers / lay.pp)
     embed_stage = _embed_params_on_stage(parts, lay.pp)
-    dense_local = (layers * parts.layer_dense + embed_stage) / lay.tp
+    emb_tp = lay.tp if vocab_parallel else 1
+    dense_local = layers * parts.layer_dense / lay.tp + embed_stage / emb_tp
     expert_local = layers * parts.layer_expert / (lay.tp * lay.ep)
     out: dict[str, float] = {k: 0.0 for k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")}
     shard = lay.dp_shard * lay.cp
@@ -394,7 +400,7 @@ def collective_bytes(
         gathered = dense_local + (expert_local if exp_shard > 1 else 0.0)
         # FSDP2 keeps the root unit (embedding, head, final norm) unsharded from forward to backward
         # (reshard_after_forward=None means False for the root), so it is gathered once per micro-batch.
-        root = embed_stage / lay.tp
+        root = embed_stage / emb_tp
         out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
         out["reduce_scatter"] += gathered * grad_bytes
         if lay.dp_replicate > 1:
@@ -405,6 +411,11 @@ def collective_bytes(
     h = spec.d_model
     act = T * h * dtype_bytes  # one full-sequence activation of this rank
     if lay.tp > 1:
+        replicated = layers * spec.norm_params_per_layer + spec.d_model + (0 if vocab_parallel else embed_stage)
+        # The hooks reduce whole gradients over tp before FSDP reduce-scatters them (measured: not divided by dp).
+        out["all_reduce"] += n_micro * replicated * grad_bytes
+        if router_grads_over_tp:
+            out["all_reduce"] += n_micro * layers * lay.micro_batch * seq_len / lay.cp * spec.top_k * 4
         per_layer_fwd = 2  # attention block and FFN block
         passes = 2 + (1 if lay.recompute == "full" else 0)  # fwd, bwd (+ recomputed fwd)
         n = n_micro * layers * per_layer_fwd * passes
