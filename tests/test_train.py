@@ -143,3 +143,21 @@ def test_every_checkpoint_corrupt_is_a_user_error(tmp_path):
     (run / "ckpt" / "step_000002" / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="no usable checkpoint"):
         Trainer(make_config(run_dir=run, steps=4, resume=True, **FAST), quiet=True)
+
+
+def test_resume_past_a_corrupt_checkpoint_replaces_that_history(tmp_path):
+    run = tmp_path / "run"
+    Trainer(make_config(run_dir=run, steps=6, checkpoint_every=2, **FAST), quiet=True).fit()
+    shard = next((run / "ckpt" / "step_000006").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a line cut short by a crash must not break the resume
+    with pytest.raises(UserError, match="already has checkpoints"):
+        Trainer(make_config(run_dir=run, steps=8, **FAST), quiet=True)
+    tr = Trainer(make_config(run_dir=run, steps=8, checkpoint_every=2, resume=True, **FAST), quiet=True)
+    assert tr.step == 4
+    tr.fit()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000008", "step_000006", "step_000004"]
+    for p in ckpt.list_checkpoints(run):
+        ckpt.verify(p)  # the corrupt step 6 was replaced by this history's own
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from gigafactory.model.generate import generate
 from gigafactory.personas import resolve, speech_prompt
-from gigafactory.runs import load_for_inference
+from gigafactory.runs import load_for_inference, load_run_spec
 
 END_OF_SPEECH = "\n\n"
 
 
 class ChatSession:
     def __init__(self, run_dir: Path, persona: str) -> None:
+        load_run_spec(run_dir)  # "not a run directory" before anything about personas
         self.persona = resolve(run_dir, persona)
         self.model, self.tok, self.step = load_for_inference(run_dir)
         self.history: list[tuple[str, str]] = []

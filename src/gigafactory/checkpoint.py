@@ -92,7 +92,8 @@ def begin(run_dir: Path, step: int) -> Path:
     tmp = root / f".step_{step:06d}.tmp"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step_*.tmp"):  # saves that never committed (a crash): nothing reads them
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     return tmp
@@ -123,6 +124,11 @@ def commit(run_dir: Path, step: int, meta: dict[str, Any], keep_last: int = 3) -
         else:
             tmp.rename(final)
         fsync_dir(root)
+        # Checkpoints of later steps belong to a history this run left (it resumed from an older one, e.g. past
+        # a corrupt newest): drop them, so retention and the next resume only see this history.
+        for other in list_checkpoints(run_dir):
+            if int(other.name.removeprefix("step_")) > step:
+                shutil.rmtree(other, ignore_errors=True)
         for old in list_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -76,7 +76,7 @@ class MetricsLog:
             self._f.close()
         kept = []
         if step > 0 and self.path.is_file():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self._f = open(self.path, "a")
 
@@ -88,6 +88,14 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as past any step (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 @dataclass
@@ -108,6 +116,9 @@ class Trainer:
         self.seq_len = cfg.seq_len or self.spec.max_seq_len
         if self.seq_len > self.spec.max_seq_len:
             raise UserError(f"seq_len={self.seq_len} exceeds the model's context {self.spec.max_seq_len}")
+        if not (cfg.resume or cfg.auto_resume or restarted()) and ckpt.list_checkpoints(self.run_dir):
+            raise UserError(f"{self.run_dir} already has checkpoints; pass --resume to continue it or use a new "
+                            "--run-dir")
         if cfg.resume and not (self.run_dir / "spec.json").is_file():
             raise UserError(f"--resume: {self.run_dir} holds no run; drop --resume to start one")
         self.dist = distributed.setup(cfg, self.spec, self.seq_len)  # None on the single-process path
@@ -134,6 +145,7 @@ class Trainer:
         self.notes: list[str] = []
         self.faults = FaultInjector()
         self.guard = StepGuard(cfg.max_bad_steps)
+        self.rollbacks, self._rolled_back_to = 0, -1
         if cfg.resume or cfg.auto_resume or restarted():  # after an elastic restart every rank resumes by itself
             self._resume()
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
@@ -287,7 +299,7 @@ class Trainer:
                 if self.guard.wants_rollback:
                     self._rollback(checkpointer, metrics, result)
                     continue
-                if every is None and self.step == 1:
+                if every is None:  # the first step of this process measures C, whatever its number
                     self.save_checkpoint(checkpointer)  # measures the checkpoint cost C
                     every = self._auto_interval(checkpointer.last_blocking_s, dt, end)
                 elif (every and self.step % every == 0) or self.step == end:
@@ -324,6 +336,11 @@ class Trainer:
         if not self._resume(keep_data_position=True):
             raise UserError(f"{bad} non-finite steps in a row and no checkpoint to roll back to; lower the "
                             "learning rate or check the data")
+        self.rollbacks = self.rollbacks + 1 if self.step == self._rolled_back_to else 1
+        self._rolled_back_to = self.step
+        if self.rollbacks > 3:  # fresh batches did not help: the model itself diverges
+            raise UserError(f"3 rollbacks to step {self.step} did not get past it: training keeps producing "
+                            "non-finite values; lower the learning rate or check the data")
         self.guard.bad_in_a_row = 0
         metrics.truncate(self.step)
         del result.losses[self.step - (result.resumed_from or 0) :]
