@@ -36,3 +36,32 @@ def test_validate_errors(text: str, world: int, msg: str) -> None:
 
 def test_valid_layout_passes() -> None:
     Layout.parse("dp_replicate=2,dp_shard=8,tp=8,pp=4,ep=8").validate(GROK2, 512, 8)
+
+
+@pytest.mark.parametrize("model", ["grok-1", "grok-2"])
+@pytest.mark.parametrize("gpus", [1024, 20_000, 100_000])
+def test_planner_proposes_only_layouts_the_trainer_runs(model: str, gpus: int) -> None:
+    from gigafactory.plan.costmodel import MODERN, Cluster
+    from gigafactory.plan.search import search
+    from gigafactory.specs.hardware import get_gpu
+    from gigafactory.specs.layout import check_supported
+
+    spec = PRESETS[model]
+    res = search(spec, Cluster.of(get_gpu("h100-sxm"), gpus, "spectrum-x"), 64 * 2**20, 8192, MODERN, top=3)
+    assert res.ranked, f"no plan for {model} on {gpus}"
+    for cost in res.ranked:
+        check_supported(cost.layout, spec, gpus, 8)  # raises on any layout the trainer would refuse
+
+
+@pytest.mark.parametrize("text,world,msg", [
+    ("dp_shard=2,ep=4,cp=2", 4, "must divide dp_shard=2"),
+    ("pp=4,pp_virtual=3,pp_schedule=interleaved", 4, "use pp in"),
+    ("pp=2,pp_schedule=interleaved", 2, "needs pp_virtual > 1"),
+])
+def test_trainer_refusals_are_one_line(text: str, world: int, msg: str) -> None:
+    from gigafactory.specs.layout import check_supported, unsupported_reason
+
+    lay = Layout.parse(text)
+    with pytest.raises(UserError, match=msg) as err:
+        check_supported(lay, GROK2, world)
+    assert "\n" not in str(err.value) and unsupported_reason(lay, GROK2) == str(err.value)

@@ -23,7 +23,7 @@ from gigafactory.plan.costmodel import (
 )
 from gigafactory.plan.search import search
 from gigafactory.specs.hardware import get_gpu, get_site
-from gigafactory.specs.layout import Layout
+from gigafactory.specs.layout import Layout, check_supported
 from gigafactory.specs.model_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,10 @@ def test_full_100k_search_is_fast_and_finds_a_plan() -> None:
     t0 = time.perf_counter()
     res = search(PRESETS["grok-2"], cluster, 64 * 2**20, 8192, MODERN)
     assert time.perf_counter() - t0 < 1.0
-    assert res.ranked and res.evaluated > 100 and res.best.fits
+    # The space is what the trainer runs (specs.layout.check_supported); it grows as the trainer learns layouts.
+    assert res.ranked and res.evaluated > 5 and res.best.fits
     best = res.best
-    best.layout.validate(PRESETS["grok-2"], 100_000, 8)
+    check_supported(best.layout, PRESETS["grok-2"], 100_000, 8)
     assert all(_per_tok(best) <= _per_tok(c) for c in res.ranked)
     assert res.why and "winner" in res.why[0]
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from gigafactory.errors import UserError
 from gigafactory.specs import ModelSpec
-from gigafactory.specs.layout import Layout
+from gigafactory.specs.layout import Layout, check_supported
 
 # torch 2.13 warns on every slice of a flattened mesh dim (a future API change we track, not the user's concern);
 # each rank would print it several times per run.
@@ -27,19 +26,9 @@ DIMS = ("pp", "dp_replicate", "efsdp", "ep", "tp")
 
 
 def check_layout(layout: Layout, spec: ModelSpec, world_size: int) -> Layout:
-    """`Layout.validate` plus what this trainer does not run yet; one-line `UserError`s, no process-group work."""
-    layout.validate(spec, world_size)
-    if layout.cp > 1:
-        raise UserError("cp > 1 (context parallelism) is not implemented by the trainer yet; use cp=1")
-    if layout.pp > 1 and layout.world_size != layout.pp:
-        raise UserError(f"pp={layout.pp} combined with other degrees is not implemented yet; use pp alone")
-    if layout.ep > 1 and layout.tp > 1:
-        raise UserError("ep > 1 together with tp > 1 is not implemented yet; use one of them")
-    if layout.ep > 1 and layout.dp_replicate > 1 and layout.dp_shard == layout.ep:
-        raise UserError("ep with dp_replicate needs dp_shard > ep so experts are FSDP-sharded; raise dp_shard")
-    if layout.pp_schedule == "interleaved" and layout.pp_virtual == 1 and layout.pp > 1:
-        raise UserError("pp_schedule=interleaved needs pp_virtual > 1")
-    return layout
+    """The one supported-layout check (`specs.layout.check_supported`); one-line `UserError`s, no process-group
+    work."""
+    return check_supported(layout, spec, world_size)
 
 
 @dataclass

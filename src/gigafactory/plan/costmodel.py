@@ -174,6 +174,14 @@ def pipeline_bubble_fraction(pp: int, n_micro: int, virtual: int = 1) -> float:
     return (pp - 1) / (virtual * n_micro)
 
 
+def bubble_slots(lay: Layout) -> float:
+    """Idle micro-batch slots of the schedule the trainer runs: (p−1)/v for GPipe, 1F1B and interleaved 1F1B;
+    a third of that for zero-bubble (Qi et al. 2024, ZB-H1: the weight-gradient third of each backward fills
+    the warm-up and cool-down bubbles, with 1F1B's peak memory)."""
+    slots = (lay.pp - 1) / lay.pp_virtual
+    return slots / 3 if lay.pp_schedule == "zero_bubble" else slots
+
+
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1,
                                  recompute: str = "none", sequence_parallel: bool = True) -> float:
     """Activation bytes of one GPT layer (Korthikanti et al. 2022, Table 2), 16-bit, with dropout."""
@@ -349,7 +357,7 @@ def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
         return 1.0
     if lay.pp_schedule == "gpipe":
         return float(n_micro)
-    if lay.pp_schedule == "interleaved":
+    if lay.pp_virtual > 1:  # interleaved, or zero-bubble over several stages per rank (its ZB1P keeps 1F1B's order)
         # Korthikanti et al. 2022 §4.2.3: interleaving needs (1 + (p−1)/(p·v)) × the 1F1B memory
         return min(float(n_micro), lay.pp * (1 + (lay.pp - 1) / (lay.pp * lay.pp_virtual)))
     return float(min(lay.pp, n_micro))
@@ -520,7 +528,7 @@ def estimate(
 
     inner_exposed = sum(exposed.values())
     mb_time = stage_layers_t + inner_exposed / n_micro
-    slots = n_micro + (lay.pp - 1) / lay.pp_virtual
+    slots = n_micro + bubble_slots(lay)
     compute_s = n_micro * stage_layers_t
     bubble_s = (slots - n_micro) * mb_time
 

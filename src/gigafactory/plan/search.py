@@ -10,7 +10,7 @@ from typing import Literal
 
 from gigafactory.errors import UserError
 from gigafactory.plan.costmodel import MODERN, Cluster, Stack, StepCost, estimate
-from gigafactory.specs.layout import Layout
+from gigafactory.specs.layout import MULTI_STAGE_SCHEDULES, Layout, is_supported
 from gigafactory.specs.model_spec import ModelSpec
 
 MICRO_BATCHES = (1, 2, 4, 8)
@@ -68,17 +68,26 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: St
                 dp = n // (tp * pp * cp)
                 for shard in _shard_options(dp, max(1, per_node // tp)):
                     for ep in _divisors(spec.n_experts):
-                        if (shard * cp) % ep:
-                            continue
-                        scheds: list[tuple[str, int]] = [("1f1b", 1)] if pp > 1 else [("1f1b", 1)]
-                        if pp > 1:
-                            scheds += [("interleaved", v) for v in VIRTUAL if spec.n_layers % (pp * v) == 0]
-                        for sched, v in scheds:
+                        for sched, v in _schedules(spec, pp):
+                            base = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
+                                          pp_schedule=sched, pp_virtual=v)  # type: ignore[arg-type]
+                            # The trainer's own answer (specs.layout): never propose what it refuses.
+                            if not is_supported(base, spec, n, per_node):
+                                continue
                             for mb in MICRO_BATCHES:
                                 for rec in recs:
-                                    yield Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep,
-                                                 cp=cp, micro_batch=mb, recompute=rec,  # type: ignore[arg-type]
-                                                 pp_schedule=sched, pp_virtual=v)  # type: ignore[arg-type]
+                                    yield base.model_copy(update={"micro_batch": mb, "recompute": rec})
+
+
+def _schedules(spec: ModelSpec, pp: int) -> list[tuple[str, int]]:
+    """Pipeline schedules with their virtual stages per rank: 1F1B, interleaved 1F1B, zero-bubble."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    out: list[tuple[str, int]] = [("1f1b", 1), ("zero_bubble", 1)]
+    for v in VIRTUAL:
+        if spec.n_layers % (pp * v) == 0:
+            out += [("interleaved", v), ("zero_bubble", v)]
+    return out
 
 
 def search(
@@ -106,7 +115,7 @@ def search(
     leanest: StepCost | None = None
     evaluated = 0
     for lay in enumerate_layouts(spec, cluster, seq_len, stack):
-        unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule == "interleaved" else 1)
+        unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule in MULTI_STAGE_SCHEDULES else 1)
         gbs = math.ceil(target / unit) * unit
         if gbs > max_batch_factor * target:
             continue

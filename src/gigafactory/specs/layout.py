@@ -8,6 +8,7 @@ FSDP-sharded over dp_shard (and cp, which also shards parameters in torchtitan's
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,7 +32,7 @@ class Layout(BaseModel):
     cp: int = Field(1, ge=1)
     micro_batch: int = Field(1, ge=1)
     recompute: Literal["none", "selective", "full"] = "none"
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = "1f1b"
     pp_virtual: int = Field(1, ge=1)
 
     @property
@@ -112,8 +113,8 @@ class Layout(BaseModel):
                 f"pp={self.pp} × pp_virtual={self.pp_virtual} = {stages} stages but the model has only "
                 f"{spec.n_layers} layers; use at most {spec.n_layers} stages"
             )
-        if self.pp_virtual > 1 and self.pp_schedule != "interleaved":
-            raise UserError(f"pp_virtual={self.pp_virtual} needs pp_schedule=interleaved")
+        if self.pp_virtual > 1 and self.pp_schedule not in MULTI_STAGE_SCHEDULES:
+            raise UserError(f"pp_virtual={self.pp_virtual} needs pp_schedule=interleaved or zero_bubble")
         return self
 
     def to_json(self) -> str:
@@ -125,6 +126,64 @@ class Layout(BaseModel):
             return cls(**json.loads(text))
         except (json.JSONDecodeError, TypeError, ValidationError) as err:
             raise UserError(f"invalid layout JSON: {str(err).splitlines()[0]}") from None
+
+
+# Schedules that run several stages per pipeline rank (``pp_virtual`` of them); zero_bubble also runs with one.
+MULTI_STAGE_SCHEDULES = ("interleaved", "zero_bubble")
+
+# What the trainer (`gigafactory.parallel`) runs today, stated once. `unsupported_reason` turns it into the one
+# answer the planner's search and the trainer's error messages share.
+TRAINER_RUNS_CP = False
+TRAINER_RUNS_PP_WITH_OTHERS = False
+TRAINER_RUNS_EP_WITH_TP = False
+TRAINER_SCHEDULES = ("gpipe", "1f1b")
+
+
+def unsupported_reason(layout: Layout, spec: ModelSpec) -> str | None:
+    """Why the trainer cannot run `layout` for `spec` (one line saying what to change), or None if it can.
+
+    Only what depends on the trainer: the consistency of degrees with the model and world size is
+    `Layout.validate`'s. Torch-free, so the planner's search calls it for every candidate."""
+    lay = layout
+    if lay.dp_shard % lay.ep:
+        return (f"ep={lay.ep} must divide dp_shard={lay.dp_shard} (the trainer takes expert ranks from dp_shard "
+                f"only, not from cp); use ep in {_divisors(math.gcd(lay.dp_shard, spec.n_experts))}")
+    if lay.ep > 1 and lay.dp_replicate > 1 and lay.dp_shard == lay.ep:
+        return "ep with dp_replicate needs dp_shard > ep so experts are FSDP-sharded; raise dp_shard"
+    if lay.pp_schedule == "interleaved" and lay.pp > 1 and lay.pp_virtual == 1:
+        return "pp_schedule=interleaved needs pp_virtual > 1"
+    if lay.pp_virtual > 1 and spec.n_layers % (lay.pp * lay.pp_virtual):
+        ok = [p for p in _divisors(spec.n_layers) if spec.n_layers % (p * lay.pp_virtual) == 0]
+        return (f"pp={lay.pp} × pp_virtual={lay.pp_virtual} stages must divide n_layers={spec.n_layers} evenly "
+                f"with virtual stages; use pp in {ok}")
+    if lay.cp > 1 and not TRAINER_RUNS_CP:
+        return "cp > 1 (context parallelism) is not implemented by the trainer yet; use cp=1"
+    if lay.pp > 1 and lay.world_size != lay.pp and not TRAINER_RUNS_PP_WITH_OTHERS:
+        return f"pp={lay.pp} combined with other degrees is not implemented by the trainer yet; use pp alone"
+    if lay.pp > 1 and lay.pp_schedule not in TRAINER_SCHEDULES:
+        return (f"pp_schedule={lay.pp_schedule} is not implemented by the trainer yet; use one of "
+                f"{', '.join(TRAINER_SCHEDULES)}")
+    if lay.ep > 1 and lay.tp > 1 and not TRAINER_RUNS_EP_WITH_TP:
+        return "ep > 1 together with tp > 1 is not implemented by the trainer yet; use one of them"
+    return None
+
+
+def check_supported(layout: Layout, spec: ModelSpec, world_size: int, gpus_per_node: int | None = None) -> Layout:
+    """`Layout.validate` and `unsupported_reason` together: raise a one-line `UserError`, else return the layout.
+    The trainer calls this before any process-group work; the planner never proposes a layout it rejects."""
+    layout.validate(spec, world_size, gpus_per_node)
+    reason = unsupported_reason(layout, spec)
+    if reason:
+        raise UserError(reason)
+    return layout
+
+
+def is_supported(layout: Layout, spec: ModelSpec, world_size: int, gpus_per_node: int | None = None) -> bool:
+    try:
+        check_supported(layout, spec, world_size, gpus_per_node)
+    except UserError:
+        return False
+    return True
 
 
 def _gcd(a: int, b: int) -> int:
