@@ -125,6 +125,24 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
         assert row["predicted"] and abs(row["rel_diff"]) <= 0.10, row  # every collective used is predicted
 
 
+@pytest.mark.parametrize("name", ["single", "fsdp2", "fsdp2_tp2"])
+def test_mfu_is_per_gpu(runs: dict, name: str) -> None:
+    """MFU = global model FLOP/s / (world size × one device's peak): one definition for 1 and N ranks."""
+    import json
+
+    from gigafactory.specs import load_spec
+
+    world = 1 if name == "single" else LAYOUTS[name][1]
+    path = runs[name]["metrics"] if name != "single" else runs["root"] / "single" / "metrics.jsonl"
+    cfg = config("unused", None)
+    flops_per_token = load_spec("tiny").flops_per_token(cfg.seq_len)
+    for rec in map(json.loads, path.read_text().splitlines()):
+        assert 0 < rec["mfu"] <= 1, rec
+        assert rec["tokens_per_s_per_gpu"] * world == pytest.approx(rec["tokens_per_s"])
+        expected = rec["tokens_per_s"] * flops_per_token / (world * rec["peak_flops_per_gpu"])
+        assert rec["mfu"] == pytest.approx(expected, rel=1e-9), rec
+
+
 @pytest.mark.parametrize(
     ("layout", "world", "needle"),
     [

@@ -1,7 +1,9 @@
 """The trainer's side of scale-out: process groups from the torchrun environment, the parallel model, the data
 slice of each data-parallel rank, and the distributed versions of a train step and an evaluation.
 
-`Trainer` calls in here with a few lines and keeps its single-process path untouched. The backend follows the
+`Ranks` is the single process, the degree-1 case; `Distributed` is one rank of several. The trainer's one
+`train_step` and one `evaluate` (in `loop.py`, which imports this module, never the reverse) call their methods
+and do not ask which of the two they have. The backend follows the
 device: NCCL when CUDA is available, gloo otherwise. The layout is validated against the model and the world size
 before any process-group work, so a wrong layout fails at once with one line.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,16 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gigafactory.errors import UserError
 from gigafactory.specs import ModelSpec
 from gigafactory.specs.layout import Layout
+from gigafactory.train.device import pick_device
 
 if TYPE_CHECKING:
     from gigafactory.parallel import CommCounter, Parallelized
     from gigafactory.train.config import TrainConfig
-    from gigafactory.train.loop import Trainer
 
 
 def env_world_size() -> int:
@@ -60,8 +60,61 @@ def read_plan(path: Path) -> dict[str, Any]:
     return out
 
 
-class Distributed:
-    """One rank of a distributed run."""
+class Ranks:
+    """This process's place in a run. The single process is the degree-1 case: every data-parallel, tensor and
+    pipeline degree is 1, there is nothing to shard or reduce and no collective runs. `Distributed` overrides
+    each method for a real process group; the trainer's one `train_step` and one `evaluate` call only these."""
+
+    rank, world, is_main = 0, 1, True
+    dp, tp, pp = 1, 1, 1
+    pipeline: Any = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global micro-batch (its data-parallel slice)."""
+        return t
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The targets of the tokens this rank scores (its sequence slice under tensor parallelism)."""
+        return y
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        """Gradient reduction only on the last accumulation micro-batch."""
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True))
+
+    def counting(self) -> contextlib.AbstractContextManager[Any]:
+        """Count the bytes of every collective of one step."""
+        return contextlib.nullcontext()
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over all ranks (bookkeeping, not training traffic)."""
+        return t
+
+    def comm_bytes(self) -> dict[str, float]:
+        """Bytes per collective kind in the last step, averaged over ranks."""
+        return {}
+
+    def gather_step_times(self, seconds: float) -> list[float]:
+        return [seconds]
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 prepares shared files (tokenizer, token arrays) before the others read them."""
+        yield
+
+    def close(self) -> None:
+        pass
+
+
+class Distributed(Ranks):
+    """One rank of a multi-process run."""
 
     def __init__(self, layout: Layout, spec: ModelSpec, cfg: TrainConfig, seq_len: int) -> None:
         from gigafactory.parallel import check_layout
@@ -78,9 +131,11 @@ class Distributed:
         if layout.pp > 1 and cfg.grad_accum < layout.pp:
             raise UserError(f"pp={layout.pp} needs grad_accum >= {layout.pp} micro-batches to fill the pipeline")
         self.layout, self.cfg, self.seq_len = layout, cfg, seq_len
+        self.dp, self.tp, self.pp = layout.dp, layout.tp, layout.pp
         self.local_micro = micro // dp
-        self.device = init_process_group()
+        super().__init__(init_process_group())
         self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
         if cfg.dtype == "auto":
             # `auto` on a CPU times a matmul probe; ranks must not decide differently, so rank 0 decides for all.
             from gigafactory.train.device import pick_dtype
@@ -91,6 +146,7 @@ class Distributed:
         self.is_main = self.rank == 0
         self.par: Parallelized | None = None
         self.counter: CommCounter | None = None
+        self.dp_rank = 0
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -100,12 +156,61 @@ class Distributed:
         self.dp_rank = meshes.dp.get_local_rank()
         self.par = parallelize(model, meshes, self.device, self.cfg.grad_accum, self.local_micro,
                                self.seq_len)  # type: ignore[arg-type]
+        self.pipeline = self.par.pipeline
         self.counter = CommCounter()
         return self.par.model
 
-    @property
-    def world(self) -> int:
-        return dist.get_world_size()
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        if not self.is_main:
+            dist.barrier()
+        yield
+        if self.is_main:
+            dist.barrier()
+
+    # ---- the pieces of a step -----------------------------------------------------------------------------
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        n = self.local_micro
+        return t[self.dp_rank * n : (self.dp_rank + 1) * n]
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        from gigafactory.parallel import local_targets
+
+        assert self.par is not None
+        return local_targets(y, self.par.tp_mesh)
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        assert self.par is not None
+        self.par.set_gradient_sync(sync)
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> float:
+        assert self.par is not None
+        return self.par.clip_grad_norm_(max_norm, self.counter)
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        assert self.counter is not None
+        self.counter.reset()
+        with self.counter:
+            yield
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.counter is not None
+        t = t.to(self.device)
+        with self.counter.bookkeeping():
+            dist.all_reduce(t)
+        return t
+
+    def comm_bytes(self) -> dict[str, float]:
+        """Routing makes all-to-all sizes differ from rank to rank; the planner predicts the balanced figure,
+        so the mean over ranks is reported. Outside the counter: this exchange is not part of a step."""
+        from gigafactory.parallel.report import KINDS
+
+        assert self.counter is not None
+        vec = torch.tensor([self.counter.bytes.get(k, 0.0) for k in KINDS], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec)
+        vec /= self.world
+        return {f"comm_{k}_bytes": float(v) for k, v in zip(KINDS, vec.tolist(), strict=True) if v}
 
     def gather_step_times(self, seconds: float) -> list[float]:
         """Every rank's step time, for straggler reports (bookkeeping: not counted as training traffic)."""
@@ -114,119 +219,6 @@ class Distributed:
         with self.counter.bookkeeping():
             dist.all_gather(out, torch.tensor(seconds, dtype=torch.float64, device=self.device))
         return [float(t) for t in out]
-
-    def _dp_slice(self, t: torch.Tensor) -> torch.Tensor:
-        n = self.local_micro
-        return t[self.dp_rank * n : (self.dp_rank + 1) * n]
-
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        assert self.counter is not None
-        with self.counter.bookkeeping():
-            dist.all_reduce(value)
-        return float(value) / dist.get_world_size()
-
-    # ---- steps --------------------------------------------------------------------------------------------
-    def train_step(self, tr: Trainer) -> dict[str, float]:
-        from gigafactory.train.loop import lr_at
-
-        assert self.par is not None and self.counter is not None
-        cfg, par = tr.cfg, self.par
-        lr = lr_at(tr.step, cfg)
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
-        tr.model.train()
-        self.counter.reset()
-        with self.counter:
-            if par.pipeline is not None:
-                loss = self._pipeline_micro_steps(tr)
-            else:
-                loss = self._micro_steps(tr)
-            norm = par.clip_grad_norm_(cfg.grad_clip or float("inf"), self.counter)
-            if tr.guard.allows(float(norm)):  # the norm is global, so every rank skips or steps together
-                tr.optimizer.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-            total = self._mean_over_ranks(loss)
-        tr.step += 1
-        stats = {"loss": total, "lr": lr, "grad_norm": norm}
-        stats.update(self._comm_bytes_mean())
-        moe = [m for m in tr.model.modules() if hasattr(m, "last_stats") and m.last_stats]
-        if moe:
-            stats["lb_loss"] = sum(m.last_stats["lb_loss"] for m in moe) / len(moe)
-            stats["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
-        return stats
-
-    def _comm_bytes_mean(self) -> dict[str, float]:
-        """Bytes per collective averaged over ranks (routing makes all-to-all sizes differ from rank to rank;
-        the planner predicts the balanced figure). Outside the counter: this exchange is not part of a step."""
-        from gigafactory.parallel.report import KINDS
-
-        assert self.counter is not None
-        vec = torch.tensor([self.counter.bytes.get(k, 0.0) for k in KINDS], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec)
-        vec /= dist.get_world_size()
-        return {f"comm_{k}_bytes": float(v) for k, v in zip(KINDS, vec.tolist(), strict=True) if v}
-
-    def _micro_steps(self, tr: Trainer) -> torch.Tensor:
-        from gigafactory.parallel import local_targets
-
-        assert self.par is not None
-        cfg, tp = tr.cfg, self.layout.tp
-        total = torch.zeros((), device=self.device)
-        for i in range(cfg.grad_accum):
-            x, y = tr.sampler.next()
-            x, y = self._dp_slice(x).to(self.device), self._dp_slice(y).to(self.device)
-            self.par.set_gradient_sync(i == cfg.grad_accum - 1)
-            with tr._autocast():
-                logits = tr.model(x)
-            y = local_targets(y, self.par.tp_mesh)
-            loss = tr.faults.poison(tr.step + 1, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
-            # Each tp rank scores its own tokens: the global mean is the average over tp ranks, and the partial
-            # gradients of replicated weights are summed over tp.
-            (loss / (cfg.grad_accum * tp)).backward()
-            total += loss.detach() / cfg.grad_accum
-        return total
-
-    def _pipeline_micro_steps(self, tr: Trainer) -> torch.Tensor:
-        pipe = self.par.pipeline  # type: ignore[union-attr]
-        assert pipe is not None
-        xs, ys = zip(*(tr.sampler.next() for _ in range(tr.cfg.grad_accum)), strict=True)
-        x, y = torch.cat(xs).to(self.device), torch.cat(ys).to(self.device)
-        loss = pipe.step(x, y)
-        pipe.sync_tied_grads()
-        # Only the last stage has the loss; the others add zero and the mean over ranks is rescaled by pp.
-        out = loss if loss is not None else torch.zeros((), device=self.device)
-        return out * self.layout.pp
-
-    @torch.no_grad()
-    def evaluate(self, tr: Trainer) -> dict[str, float]:
-        from gigafactory.parallel import local_targets
-
-        assert self.par is not None and self.counter is not None
-        tr.model.eval()
-        pipe = self.par.pipeline
-        sums = torch.zeros(3, dtype=torch.float64)  # nats, bytes, tokens
-        batch = max(1, self.cfg.batch_size // self.cfg.grad_accum)
-        for i in range(0, len(tr.val_windows), batch):
-            chunk = tr.val_windows[i : i + batch]
-            x = torch.stack([w[0] for w in chunk]).to(self.device)
-            y = torch.stack([w[1] for w in chunk]).to(self.device)
-            with tr._autocast():
-                logits = pipe.forward_only(x) if pipe else tr.model(x)
-            if logits is None:
-                continue
-            y = local_targets(y, self.par.tp_mesh)
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-            sums[1] += float(tr.data.token_bytes[y.flatten().cpu()].sum())
-            sums[2] += y.numel()
-        # Every data-parallel rank scored the same windows; tp ranks scored disjoint tokens; on a pipeline only
-        # the last stage scored anything.
-        copies = self.layout.dp
-        sums = sums.to(self.device)
-        with self.counter.bookkeeping():
-            dist.all_reduce(sums)
-        nats, nbytes, _ = (float(v) / copies for v in sums)
-        ntok = float(sums[2]) / copies
-        return {"val_loss": nats / ntok, "val_bits_per_byte": nats / math.log(2) / nbytes}
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -252,29 +244,19 @@ def init_process_group() -> torch.device:
     return device
 
 
-def setup(cfg: TrainConfig, spec: ModelSpec, seq_len: int) -> Distributed | None:
-    """A `Distributed` when this process is one rank of several (or a layout asks for more than one); None for
-    the plain single-process path."""
+def setup(cfg: TrainConfig, spec: ModelSpec, seq_len: int) -> Ranks:
+    """A `Distributed` when this process is one rank of several (or a layout asks for more than one); the
+    degree-1 `Ranks` for a single process."""
     layout = layout_from_config(cfg)
     world = env_world_size()
     if layout is None:
         if world == 1:
-            return None
+            return Ranks(pick_device())
         layout = Layout(dp_shard=world)  # torchrun without a layout: plain data parallelism (FSDP)
     if layout.world_size == 1 and world == 1:
         layout.validate(spec, 1)
-        return None
+        return Ranks(pick_device())
     return Distributed(layout, spec, cfg, seq_len)
-
-
-@contextlib.contextmanager
-def main_first(d: Distributed | None) -> Iterator[None]:
-    """Rank 0 prepares shared files (tokenizer, token arrays) before the others read them."""
-    if d is not None and not d.is_main:
-        dist.barrier()
-    yield
-    if d is not None and d.is_main:
-        dist.barrier()
 
 
 class NullMetrics:
@@ -290,8 +272,8 @@ class NullMetrics:
         pass
 
 
-def metrics_log(d: Distributed | None) -> NullMetrics | None:
-    return NullMetrics() if d is not None and not d.is_main else None
+def metrics_log(ranks: Ranks) -> NullMetrics | None:
+    return None if ranks.is_main else NullMetrics()
 
 
 def with_plan(options: dict[str, Any], plan: Path | None) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from gigafactory import checkpoint as ckpt
 from gigafactory.errors import UserError
 from gigafactory.model import GrokModel
+from gigafactory.model.grok import MoE
 from gigafactory.specs import ModelSpec, load_spec
 from gigafactory.train import data as datalib
 from gigafactory.train import distributed
 from gigafactory.train.config import TrainConfig
-from gigafactory.train.device import peak_flops, pick_device, pick_dtype
+from gigafactory.train.device import peak_flops, pick_dtype
 from gigafactory.train.resilience import (
     Checkpointer,
     FaultInjector,
@@ -59,6 +60,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def throughput(tokens_per_s: float, flops_per_token: float, peak_per_device: float, world: int) -> dict[str, float]:
+    """Per-GPU figures from a global token rate: MFU is the global model FLOP/s over the peak of all `world`
+    devices, so one rank and many share one definition and MFU can never exceed 1 by counting ranks."""
+    return {"tokens_per_s_per_gpu": tokens_per_s / world, "peak_flops_per_gpu": peak_per_device,
+            "mfu": tokens_per_s * flops_per_token / (world * peak_per_device)}
 
 
 class MetricsLog:
@@ -121,12 +129,12 @@ class Trainer:
                             "--run-dir")
         if cfg.resume and not (self.run_dir / "spec.json").is_file():
             raise UserError(f"--resume: {self.run_dir} holds no run; drop --resume to start one")
-        self.dist = distributed.setup(cfg, self.spec, self.seq_len)  # None on the single-process path
-        self.quiet = quiet or (self.dist is not None and not self.dist.is_main)
-        self.device = pick_device()
+        self.dist = distributed.setup(cfg, self.spec, self.seq_len)  # degree-1 `Ranks` for one process
+        self.quiet = quiet or not self.dist.is_main
+        self.device = self.dist.device
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with distributed.main_first(self.dist):
+        with self.dist.main_first():
             self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size)
             self._save_run_files()
 
@@ -135,8 +143,7 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         for moe in self.model.moe_layers():
             moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
-        if self.dist is not None:
-            self.model = self.dist.parallelize(self.model)
+        self.model = self.dist.parallelize(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = datalib.BatchSampler(self.data.train, micro, self.seq_len, cfg.seed)
         self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
@@ -196,56 +203,81 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self) -> dict[str, float]:
-        if self.dist is not None:
-            return self.dist.train_step(self)
-        cfg = self.cfg
+        """One optimizer step: the single process runs it as the degree-1 case of the distributed step."""
+        cfg, ranks = self.cfg, self.dist
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = self.sampler.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.model(x)
-            loss = self.faults.poison(self.step + 1, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        if self.guard.allows(float(norm)):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with ranks.counting():
+            loss = self._pipeline_micro_steps() if ranks.pipeline is not None else self._micro_steps()
+            norm = ranks.clip_grad_norm_(self.model, cfg.grad_clip or float("inf"))
+            if self.guard.allows(norm):  # the norm is global, so every rank skips or steps together
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total = float(ranks.sum_over_ranks(loss)) / ranks.world
         self.step += 1
-        stats = {"loss": total, "lr": lr, "grad_norm": float(norm)}
-        moe = self.model.moe_layers()
-        if moe and moe[0].last_stats:
+        stats = {"loss": total, "lr": lr, "grad_norm": norm, **ranks.comm_bytes()}
+        moe = [m for m in self.model.modules() if isinstance(m, MoE) and m.last_stats]
+        if moe:
             stats["lb_loss"] = sum(m.last_stats["lb_loss"] for m in moe) / len(moe)
             stats["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
         return stats
 
+    def _micro_steps(self) -> torch.Tensor:
+        cfg, ranks = self.cfg, self.dist
+        total = torch.zeros((), device=self.device)
+        for i in range(cfg.grad_accum):
+            x, y = self.sampler.next()
+            x, y = ranks.shard(x).to(self.device, non_blocking=True), ranks.shard(y).to(self.device, non_blocking=True)
+            ranks.set_gradient_sync(i == cfg.grad_accum - 1)
+            with self._autocast():
+                logits = self.model(x)
+            y = ranks.targets(y)
+            loss = self.faults.poison(self.step + 1, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+            # Each tp rank scores its own tokens: the global mean is the average over tp ranks, and the partial
+            # gradients of replicated weights are summed over tp.
+            (loss / (cfg.grad_accum * ranks.tp)).backward()
+            total += loss.detach() / cfg.grad_accum
+        return total
+
+    def _pipeline_micro_steps(self) -> torch.Tensor:
+        pipe = self.dist.pipeline
+        xs, ys = zip(*(self.sampler.next() for _ in range(self.cfg.grad_accum)), strict=True)
+        loss = pipe.step(torch.cat(xs).to(self.device), torch.cat(ys).to(self.device))
+        pipe.sync_tied_grads()
+        # Only the last stage has the loss; the others add zero and the mean over ranks is rescaled by pp.
+        out = loss if loss is not None else torch.zeros((), device=self.device)
+        return out * self.dist.pp
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss over fixed windows, in nats per token and in bits per UTF-8 byte."""
-        if self.dist is not None:
-            return self.dist.evaluate(self)
+        ranks = self.dist
         self.model.eval()
-        nats, nbytes, ntok = 0.0, 0.0, 0
+        pipe = ranks.pipeline
+        sums = torch.zeros(3, dtype=torch.float64)  # nats, bytes, tokens
         batch = max(1, self.cfg.batch_size // self.cfg.grad_accum)
         for i in range(0, len(self.val_windows), batch):
             chunk = self.val_windows[i : i + batch]
             x = torch.stack([w[0] for w in chunk]).to(self.device)
             y = torch.stack([w[1] for w in chunk]).to(self.device)
             with self._autocast():
-                logits = self.model(x)
-            nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            nbytes += float(self.data.token_bytes[y.flatten().cpu()].sum())
-            ntok += y.numel()
+                logits = pipe.forward_only(x) if pipe else self.model(x)
+            if logits is None:
+                continue
+            y = ranks.targets(y)
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            sums[1] += float(self.data.token_bytes[y.flatten().cpu()].sum())
+            sums[2] += y.numel()
+        # Every data-parallel rank scored the same windows; tp ranks scored disjoint tokens; on a pipeline only
+        # the last stage scored anything.
+        nats, nbytes, ntok = (float(v) / ranks.dp for v in ranks.sum_over_ranks(sums))
         return {"val_loss": nats / ntok, "val_bits_per_byte": nats / math.log(2) / nbytes}
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        if self.dist is None or self.dist.is_main:
+        if self.dist.is_main:
             for note in self.notes:
                 console.print(f"[yellow]{note}[/]", highlight=False)
         metrics = distributed.metrics_log(self.dist) or MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
@@ -278,8 +310,8 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
                 record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
-                record["mfu"] = tps * self.flops_per_token / self.peak
-                if self.dist is not None:
+                record.update(throughput(tps, self.flops_per_token, self.peak, self.dist.world))
+                if self.dist.world > 1:
                     times = self.dist.gather_step_times(dt)
                     record["step_time_max_s"] = max(times)
                     if slow := stragglers(times):
@@ -322,7 +354,7 @@ class Trainer:
         """`--checkpoint-every auto`: Young/Daly from the measured save cost and the simulator's MTBF."""
         from gigafactory.sim import mtbf_seconds
 
-        gpus = self.cfg.fleet_gpus or (self.dist.world if self.dist is not None else 1)
+        gpus = self.cfg.fleet_gpus or self.dist.world
         mtbf = mtbf_seconds(gpus)
         every = young_daly_steps(cost_s, mtbf, step_s, end)
         console.print(f"checkpoint every {every} steps: Young/Daly with a {cost_s:.2f} s save and an MTBF of "
