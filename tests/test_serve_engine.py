@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import struct
 import zlib
 
@@ -184,7 +185,8 @@ def test_card_renders_fields_lore_and_template():
     text = ada.render([("system", "Be kind."), ("user", "Tell me about the piston and the Valve.")])
     assert text.startswith("Stay in character. Be kind.\n\n")
     assert text.index("LORE-VALVE") < text.index("LORE-PISTON") < text.index("Ada is an engineer")
-    assert text.index("Scenario: A workshop.") < text.index("LORE-ALWAYS") < text.index("Stranger: hi")
+    examples = text.index("Stranger:\nhi\n\nAda:\nhello\n\n")  # mes_example in the corpus' format
+    assert text.index("Scenario: A workshop.") < text.index("LORE-ALWAYS") < examples
     assert "LORE-OFF" not in text and "LORE-GEAR" not in text
     assert text.endswith(
         "Ada:\nHello, Stranger.\n\nStranger:\nTell me about the piston and the Valve.\n\nAnswer briefly.\n\nAda:\n"
@@ -213,7 +215,7 @@ def test_builtin_persona_renders_the_corpus_format():
     assert Persona("ROMEO").render(history) == expected
 
 
-def test_cards_load_from_json_and_png(tmp_path):
+def test_cards_load_from_json_and_png(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
     (run / "personas.json").write_text(json.dumps({"ROMEO": 10}))
@@ -230,8 +232,9 @@ def test_cards_load_from_json_and_png(tmp_path):
     personas = load_all(run, cards)
     assert set(personas) == {"romeo", "ada", "grace"} and not personas["ada"].builtin
     (cards / "bad.json").write_text(json.dumps({"spec": "chara_card_v2", "data": {"name": 3}}))
-    with pytest.raises(UserError, match="bad.json"):
-        load_all(run, cards)
+    with caplog.at_level(logging.WARNING):
+        assert set(load_all(run, cards)) == {"romeo", "ada", "grace"}  # a bad card is skipped, not fatal
+    assert "bad.json" in caplog.text and "'name' must be a string" in caplog.text
     (cards / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read character card"):
         load_card(cards / "bad.json")

@@ -1,110 +1,42 @@
-"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions (plain and SSE), models, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): thin routes over `Serving`, plus the chat page at `/`.
 
-Each persona is a model id. Handlers validate and render the prompt, hand sequences to the engine thread and
-await their pieces on an asyncio queue. Every error leaves in OpenAI's shape
-{"error": {"message", "type", "param", "code"}}: validation 400, unknown model 404, a full queue 429, a stuck or
-dead engine 503. A watcher aborts a request's sequences as soon as its client disconnects, freeing the slots.
+Each persona is a model id. Every error leaves in OpenAI's shape {"error": {"message", "type", "param",
+"code"}}: validation 400 (`unsupported_parameter` for OpenAI fields this server does not implement), missing
+or wrong API key 401, unknown model 404, body over `--max-body-mb` 413, a caller over its limits or a full
+queue 429 with `Retry-After`, a stuck or dead engine 503.
+
+With API keys configured, every `/v1/*` route needs `Authorization: Bearer <key>`; `/`, `/health` and
+`/metrics` stay open (the page asks for the key and sends it). CORS is off unless `--allowed-origins` lists
+origins; the OpenAPI docs (`/docs`, `/openapi.json`) are off unless `--docs`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import base64
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
 
-from gigafactory.chat import END_OF_SPEECH
-from gigafactory.serve.engine import Engine, EngineConfig, Output, QueueFull
+from gigafactory.serve.engine import Engine, EngineConfig
+from gigafactory.serve.limits import ApiKeys, BodyLimit, CallerLimits
 from gigafactory.serve.metrics import ServeMetrics
 from gigafactory.serve.personas import Persona, load_all
-from gigafactory.serve.sampling import SamplingParams
+from gigafactory.serve.schemas import ChatRequest, CompletionRequest
+from gigafactory.serve.serving import APIError, Serving
 
-MAX_N = 8
-MAX_STOPS = 4
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# -- request schemas (unknown OpenAI fields are accepted and ignored, as clients send many) -----------------------
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # not OpenAI's, but common (vLLM): 0 = off
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = Field(None)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = False  # keep going past the end-of-text token (benchmarks)
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    greeting: int | None = Field(None, ge=0)  # which of a card's greetings opens the chat
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    echo: bool | None = False
-
-
-# -- the server ---------------------------------------------------------------------------------------------------
+__all__ = ["APIError", "ServerOptions", "ServerState", "build_state", "create_app"]
 
 
 @dataclass
@@ -114,6 +46,17 @@ class ServerState:
     personas: dict[str, Persona]
     health_timeout: float = 10.0
     created: int = 0
+
+
+@dataclass
+class ServerOptions:
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
+    allowed_origins: list[str] = field(default_factory=list)
+    docs: bool = False
+    max_body_mb: float = 4.0
+    concurrency_per_caller: int = 64  # requests in flight per API key (or client address without keys)
+    rate_per_caller: float = 0.0  # requests per minute per caller; 0 = off
+    keepalive_s: float = 5.0
 
 
 def build_state(
@@ -127,21 +70,45 @@ def build_state(
     return ServerState(engine, tok, load_all(Path(run_dir), cards_dir), health_timeout, int(time.time()))
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, options: ServerOptions | None = None) -> FastAPI:
+    opts = options or ServerOptions()
+    serving = Serving(
+        state.engine, state.tok, state.personas, CallerLimits(opts.concurrency_per_caller, opts.rate_per_caller),
+        opts.keepalive_s, created=state.created,
+    )  # fmt: skip
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
         yield
         state.engine.stop()
+        serving.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="gigafactory persona chat", version="1", lifespan=lifespan)
+    docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="gigafactory persona chat", version="1", lifespan=lifespan, **docs)
     app.state.server = state
-    engine, tok, metrics = state.engine, state.tok, state.engine.metrics
-    context = engine.spec.max_seq_len
+    app.state.serving = serving
+    metrics = state.engine.metrics
+    _errors(app, metrics)
+    _routes(app, state, serving, opts.api_keys)
+    if opts.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=opts.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    app.add_middleware(
+        BodyLimit, max_bytes=int(opts.max_body_mb * 2**20), on_refuse=metrics.http_errors.labels("413").inc
+    )
+    return app
 
+
+def _errors(app: FastAPI, metrics: ServeMetrics) -> None:
     def error_response(err: APIError) -> JSONResponse:
         metrics.http_errors.labels(str(err.status)).inc()
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -149,257 +116,80 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            msg, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-        else:
-            msg = f"{param}: {first['msg']}" if param else str(first["msg"])
-        return error_response(APIError(400, msg, param=param, code="invalid_value"))
+        return error_response(APIError(400, "invalid request", code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(err.status_code, str(err.detail), code=None))
+        return error_response(APIError(err.status_code, str(err.detail)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         return error_response(APIError(500, f"internal error: {type(err).__name__}", "server_error"))
 
-    def persona_of(model: str) -> Persona:
-        persona = state.personas.get(model.strip().lower())
-        if persona is None:
+
+def _routes(app: FastAPI, state: ServerState, serving: Serving, keys: ApiKeys) -> None:
+    engine = state.engine
+
+    def authorize(request: Request) -> str:
+        """The caller's identity for the limits: its key, or its address when the server has no keys."""
+        if not keys:
+            return f"addr:{request.client.host if request.client else '?'}"
+        key = keys.check(request.headers.get("authorization"))
+        if key is None:
+            given = "no API key" if not request.headers.get("authorization") else "an incorrect API key"
             raise APIError(
-                404,
-                f"The model '{model}' does not exist; GET /v1/models lists the personas",
-                param="model",
-                code="model_not_found",
+                401,
+                f"You provided {given}. Send 'Authorization: Bearer <key>' with a key the server was started with.",
+                param=None,
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
-        return persona
-
-    def sampling(
-        req: _Sampling,
-        prompt_len: int,
-        max_tokens: int | None,
-        default_max: int,
-        base_stop: tuple[str, ...],
-        index: int,
-    ) -> SamplingParams:
-        if prompt_len >= context:  # at least one token must fit after the prompt
-            raise APIError(
-                400,
-                f"This model's maximum context length is {context} tokens; the prompt has {prompt_len}",
-                param="messages" if base_stop else "prompt",
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and max_tokens > context:
-            raise APIError(
-                400,
-                f"max_tokens is {max_tokens}, more than the model's context of {context} tokens",
-                param="max_tokens",
-                code="invalid_value",
-            )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > MAX_STOPS:
-            raise APIError(400, f"at most {MAX_STOPS} stop sequences", param="stop", code="invalid_value")
-        seed = req.seed
-        if seed is not None and index:  # n > 1 with a seed: distinct yet reproducible choices
-            seed = (seed + index) % 2**64
-        return SamplingParams(
-            max_tokens=min(max_tokens or default_max, context - prompt_len),
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            seed=seed,
-            stop=base_stop + tuple(stop),
-            ignore_eos=bool(req.ignore_eos),
-        )
-
-    def check_alive() -> None:
-        if not engine.alive():
-            raise APIError(503, "the inference engine is not running", "server_error", code="engine_down")
-
-    async def run(request: Request, jobs: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Output]]:
-        """Submit sequences; yield (choice index, piece) until all finish. Aborts whatever is left on exit."""
-        check_alive()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-        ids: list[int] = []
-        live: set[int] = set()
-        try:
-            for i, (prompt, params) in enumerate(jobs):
-
-                def sink(out: Output, i: int = i) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, out))
-
-                ids.append(engine.add(prompt, params, sink))
-                live.add(i)
-        except QueueFull:
-            for seq_id in ids:
-                engine.abort(seq_id)
-            raise APIError(
-                429,
-                "the server is busy: too many requests are waiting; retry later",
-                "rate_limit_error",
-                code="queue_full",
-            ) from None
-
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(0.2)
-                if await request.is_disconnected():
-                    for seq_id in ids:
-                        engine.abort(seq_id)
-                    return
-
-        watcher = asyncio.create_task(watch())
-        try:
-            while live:
-                i, out = await queue.get()
-                if out.finish_reason is not None:
-                    live.discard(i)
-                yield i, out
-        finally:
-            watcher.cancel()
-            for i in live:
-                engine.abort(ids[i])
-
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def usage(prompt: int, completion: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    async def respond(
-        request: Request,
-        req: _Sampling,
-        persona: Persona,
-        jobs: list[tuple[list[int], SamplingParams]],
-        chat: bool,
-        echo: list[str] | None = None,
-    ) -> Response:
-        kind = "chat.completion" if chat else "text_completion"
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        head = {"id": rid, "created": created, "model": persona.name, "system_fingerprint": None}
-        prompt_tokens = sum(len(p) for p, _ in jobs) // max(1, req.n or 1) if chat else sum(len(p) for p, _ in jobs)
-        stream = run(request, jobs)
-
-        if not req.stream:
-            texts = [echo[i] if echo else "" for i in range(len(jobs))]
-            reasons: list[str | None] = [None] * len(jobs)
-            completion = 0
-            async for i, out in stream:
-                texts[i] += out.text
-                if out.finish_reason is not None:
-                    reasons[i], completion = out.finish_reason, completion + out.completion_tokens
-            if any(r in ("error", "abort") for r in reasons):
-                raise APIError(500 if "error" in reasons else 499, "generation failed", "server_error")
-            if chat:
-                choices = [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-                ]
-            else:
-                choices = [
-                    {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-                ]
-            return JSONResponse({**head, "object": kind, "choices": choices, "usage": usage(prompt_tokens, completion)})
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choice: dict[str, Any]) -> str:
-            extra = {"usage": None} if include_usage else {}
-            return sse({**head, "object": chunk_kind, "choices": [choice], **extra})
-
-        # Fail before the 200 goes out if the queue is full: pull the first event eagerly.
-        first = await anext(stream)
-
-        async def events() -> AsyncIterator[str]:
-            completion = 0
-            try:
-                for i in range(len(jobs)):
-                    if chat:
-                        yield chunk(
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        )
-                    elif echo:
-                        yield chunk({"index": i, "text": echo[i], "logprobs": None, "finish_reason": None})
-                pending: list[tuple[int, Output]] = [first]
-                while True:
-                    for i, out in pending:
-                        if out.finish_reason in ("error", "abort"):
-                            yield sse(APIError(500, "generation failed", "server_error").body())
-                            return
-                        if out.text:
-                            yield chunk(
-                                {"index": i, "delta": {"content": out.text}, "logprobs": None, "finish_reason": None}
-                                if chat
-                                else {"index": i, "text": out.text, "logprobs": None, "finish_reason": None}
-                            )
-                        if out.finish_reason is not None:
-                            completion += out.completion_tokens
-                            yield chunk(
-                                {"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
-                                if chat
-                                else {"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
-                            )
-                    try:
-                        pending = [await anext(stream)]
-                    except StopAsyncIteration:
-                        break
-                if include_usage:
-                    yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(prompt_tokens, completion)})
-                yield "data: [DONE]\n\n"
-            finally:
-                await stream.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return f"key:{key}"
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request) -> Response:
-        persona = persona_of(req.model)
-        messages = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
-        prompt = persona.render(messages, req.greeting or 0, lambda s: len(tok.encode(s).ids))
-        ids = tok.encode(prompt).ids
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        # A persona's turn ends at a blank line, as in the corpus (and as `gigafactory chat` stops).
-        jobs = [(ids, sampling(req, len(ids), max_tokens, context, (END_OF_SPEECH,), i)) for i in range(req.n or 1)]
-        return await respond(request, req, persona, jobs, chat=True)
+    async def chat_completions(request: Request) -> Response:
+        lease = serving.lease(authorize(request))
+        try:
+            req = await serving.parse(request, ChatRequest)
+            persona, jobs, prompt_tokens = await serving.off_loop(serving.chat_jobs, req)
+            return await serving.respond(request, req, persona, jobs, prompt_tokens, lease)
+        finally:
+            if not (lease.released or _streaming(request)):
+                lease.release()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        persona = persona_of(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or len(prompts) * (req.n or 1) > MAX_N:
-            raise APIError(400, f"between 1 and {MAX_N} prompts × n", param="prompt", code="invalid_value")
-        jobs, echo = [], []
-        for text in prompts:
-            ids = tok.encode(text).ids
-            if not ids:
-                raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-            for i in range(req.n or 1):
-                jobs.append((ids, sampling(req, len(ids), req.max_tokens, 16, (), i)))
-                echo.append(text if req.echo else "")
-        return await respond(request, req, persona, jobs, chat=False, echo=echo if req.echo else None)
+    async def completions(request: Request) -> Response:
+        lease = serving.lease(authorize(request))
+        try:
+            req = await serving.parse(request, CompletionRequest)
+            persona, jobs, prompt_tokens = await serving.off_loop(serving.completion_jobs, req)
+            return await serving.respond(request, req, persona, jobs, prompt_tokens, lease)
+        finally:
+            if not (lease.released or _streaming(request)):
+                lease.release()
 
     def model_card(p: Persona) -> dict[str, Any]:
         return {"id": p.name, "object": "model", "created": state.created, "owned_by": "gigafactory"}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
         return {"object": "list", "data": [model_card(p) for p in state.personas.values()]}
 
     @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
-        return model_card(persona_of(model))
+    async def model(model: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return model_card(serving.persona_of(model))
+
+    @app.get("/v1/personas")
+    async def personas(request: Request) -> dict[str, Any]:
+        """What the chat page shows: each persona's picture, description and greetings (not OpenAI's)."""
+        authorize(request)
+        return {"object": "list", "data": [_persona_info(p) for p in state.personas.values()]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -415,6 +205,24 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+_PAGE = files("gigafactory.serve") / "page.html"
+
+
+def _streaming(request: Request) -> bool:
+    """Whether the route handed its lease to a streaming response (which releases it when the stream ends)."""
+    return bool(getattr(request.state, "streaming", False))
+
+
+def _persona_info(p: Persona) -> dict[str, Any]:
+    avatar = "data:image/png;base64," + base64.b64encode(p.avatar).decode() if p.avatar else None
+    return {
+        "id": p.name,
+        "builtin": p.builtin,
+        "description": p._substitute(p.description),
+        "first_mes": p._substitute(p.greetings()[0]) if p.greetings() else "",
+        "greetings": [p._substitute(g) for g in p.greetings()],
+        "avatar": avatar,
+    }

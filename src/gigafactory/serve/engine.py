@@ -29,10 +29,10 @@ from torch import Tensor
 
 from gigafactory.errors import UserError
 from gigafactory.model.grok import PAD_ID, GrokModel
-from gigafactory.model.sampling import sample
+from gigafactory.serve.json_mode import JsonConstraint, TokenTexts
 from gigafactory.serve.kv_cache import BlockPool, BlockTable, OutOfBlocks, PagedBatch
 from gigafactory.serve.metrics import ServeMetrics
-from gigafactory.serve.sampling import SamplingParams, TextTracker
+from gigafactory.serve.sampling import SamplingParams, TextTracker, TokenLogprob, next_token
 
 log = logging.getLogger(__name__)
 EOS_ID = 1  # the tokenizer's document separator
@@ -50,6 +50,7 @@ class Output:
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the previous piece
 
 
 @dataclass
@@ -58,11 +59,14 @@ class Sequence:
     params: SamplingParams
     sink: Callable[[Output], None]
     id: int = 0
+    request: int = 0
     tokens: list[int] = field(default_factory=list)
     computed: int = 0
     table: BlockTable = field(default_factory=BlockTable)
     generator: torch.Generator | None = None
     tracker: TextTracker | None = None
+    json: JsonConstraint | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
     arrival: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
 
@@ -76,7 +80,7 @@ class EngineConfig:
     max_batch: int = 32  # sequences decoding together
     kv_cache_mb: float = 64.0  # the pool's memory budget
     block_size: int = 16
-    max_queue: int = 256  # waiting requests beyond this are refused
+    max_queue: int = 256  # waiting requests (not sequences: n > 1 is one request) beyond this are refused
     step_tokens: int = 256  # token budget per step: decodes first, then prefill chunks
     # Small matrices gain nothing from a second thread, and on a shared CPU a busy one makes OpenMP's
     # spin-waits catastrophic (measured: 40x slower steps under load with 2 threads).
@@ -110,20 +114,36 @@ class Engine:
         self._next_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._unstarted: dict[int, int] = {}  # request -> its sequences not yet admitted (the queue bound)
+        self._json_vocab: TokenTexts | None = None
         self.heartbeat = time.monotonic()  # the loop touches it every iteration; /health reads it
 
     # -- called from other threads ------------------------------------------------------------------------
 
     def add(self, prompt: list[int], params: SamplingParams, sink: Callable[[Output], None]) -> int:
-        """Queue a sequence; returns its id (for `abort`). Raises QueueFull when the queue is at its bound."""
+        """Queue one sequence as a request of its own; see `submit`."""
+        return self.submit([(prompt, params, sink)])[0]
+
+    def submit(self, jobs: list[tuple[list[int], SamplingParams, Callable[[Output], None]]]) -> list[int]:
+        """Queue one request's sequences, all or none; returns their ids (for `abort`). Raises QueueFull when
+        `max_queue` requests are already waiting to start."""
         with self._lock:
-            if len(self._inbox) + len(self.waiting) >= self.config.max_queue:
+            if len(self._unstarted) >= self.config.max_queue:
                 raise QueueFull
             self._next_id += 1
-            seq = Sequence(prompt=list(prompt), params=params, sink=sink, id=self._next_id)
-            self._inbox.append(seq)
+            request = self._next_id
+            ids = []
+            for prompt, params, sink in jobs:
+                self._next_id += 1
+                seq = Sequence(prompt=list(prompt), params=params, sink=sink, id=self._next_id, request=request)
+                self._inbox.append(seq)
+                ids.append(seq.id)
+            self._unstarted[request] = len(jobs)
             self._lock.notify()
-            return seq.id
+            return ids
+
+    def queued_requests(self) -> int:
+        return len(self._unstarted)
 
     def abort(self, seq_id: int) -> None:
         """Stop a sequence (its client went away) and free its blocks at the next step."""
@@ -194,10 +214,7 @@ class Engine:
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
             if not seq.tokens:  # first admission (a preempted sequence keeps its tokens and generator)
-                seq.tokens = list(seq.prompt)
-                seq.tracker = TextTracker(self.tok, seq.params.stop)
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
+                self._start(seq)
             seq.computed = self.pool.match_prefix(seq.tokens, seq.table)
             # Room for the whole prompt plus one block per running sequence, so admission does not
             # immediately force a preemption.
@@ -208,6 +225,25 @@ class Engine:
                 return
             self.waiting.popleft()
             self.running.append(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        seq.tokens = list(seq.prompt)
+        seq.tracker = TextTracker(self.tok, seq.params.stop)
+        seq.generator = torch.Generator(device=self.device)
+        seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
+        if seq.params.json_object:
+            if self._json_vocab is None:
+                self._json_vocab = TokenTexts.of(self.tok)
+            seq.json = JsonConstraint(self._json_vocab)
+        self._unqueue(seq)
+
+    def _unqueue(self, seq: Sequence) -> None:
+        with self._lock:
+            left = self._unstarted.get(seq.request, 0) - 1
+            if left > 0:
+                self._unstarted[seq.request] = left
+            else:
+                self._unstarted.pop(seq.request, None)
 
     def _schedule(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         budget = self.config.step_tokens
@@ -258,17 +294,27 @@ class Engine:
         last = logits[torch.arange(len(group)), torch.tensor(lengths) - 1]  # [B, V]
         # Greedy rows share one argmax (what `sample` does at temperature 0); the others sample one by one,
         # each with its own generator, exactly as `generate` does.
-        greedy = last.argmax(-1).tolist() if any(seq.params.temperature <= 0 for seq, _ in group) else []
+        shared = [self._shares_argmax(seq) for seq, _ in group]
+        greedy = last.argmax(-1).tolist() if any(shared) else []
         for row, (seq, n) in enumerate(group):
             seq.computed += n
             self.pool.register_full_blocks(seq.tokens, seq.computed, seq.table)
             if seq.computed == len(seq.tokens):
-                self._append(seq, last[row : row + 1], greedy[row] if seq.params.temperature <= 0 else None)
+                self._append(seq, last[row], greedy[row] if shared[row] else None)
+
+    @staticmethod
+    def _shares_argmax(seq: Sequence) -> bool:
+        return seq.params.temperature <= 0 and seq.params.plain and seq.params.logprobs is None
 
     def _append(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
         p = seq.params
         if token is None:
-            token = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator))
+            remaining = min(p.max_tokens - seq.n_out, self.spec.max_seq_len - len(seq.tokens))
+            token, logprob = next_token(logits, p, seq.tokens[len(seq.prompt) :], seq.generator, seq.json, remaining)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            if seq.json is not None:
+                seq.json.accept(token)
         now = time.monotonic()
         if seq.last_token_at is None:
             self.metrics.ttft.observe(now - seq.arrival)
@@ -283,12 +329,17 @@ class Engine:
             self._done(seq, "stop")
             return
         piece, hit = seq.tracker.update(seq.tokens[len(seq.prompt) :])
-        if hit:
+        if hit or (seq.json is not None and seq.json.done):
             self._done(seq, "stop", piece)
         elif seq.n_out >= p.max_tokens or len(seq.tokens) >= self.spec.max_seq_len:
             self._done(seq, "length", piece)
         elif piece:
-            seq.sink(Output(piece))
+            seq.sink(Output(piece, logprobs=self._take_logprobs(seq)))
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob]:
+        out, seq.logprobs = seq.logprobs, []
+        return out
 
     def _done(self, seq: Sequence, reason: str, piece: str = "") -> None:
         self.running.remove(seq)
@@ -296,7 +347,9 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, piece: str = "") -> None:
         self.pool.release(seq.table)
+        if not seq.tokens:  # finished before it started (aborted while queued)
+            self._unqueue(seq)
         if seq.tracker is not None and reason in ("stop", "length"):
             piece += seq.tracker.finish()
         self.metrics.finished(reason, time.monotonic() - seq.arrival)
-        seq.sink(Output(piece, reason, len(seq.prompt), max(seq.n_out, 0)))
+        seq.sink(Output(piece, reason, len(seq.prompt), max(seq.n_out, 0), self._take_logprobs(seq)))

@@ -2,10 +2,11 @@
 
 Why paged: sequences grow one token at a time and finish at unpredictable lengths; giving each a list of
 fixed-size blocks from a shared pool wastes at most one partial block per sequence, and lets full blocks be
-shared. A full block's contents depend only on the tokens up to and including it, so it is named by a hash
-chained over the blocks before it; a new request whose prompt starts with the same blocks (the persona's
-preamble, say) reuses them instead of recomputing them. Unreferenced cached blocks stay in an LRU list and are
-evicted only when the pool runs dry.
+shared. A full block's contents depend only on the tokens up to and including it, so it is named by a SHA-256
+hash chained over the blocks before it (collision-resistant: a crafted prompt cannot make another user's
+request read its cached keys, the concern of vLLM's CVE-2025-25183 about Python's `hash()`); a new request
+whose prompt starts with the same blocks (the persona's preamble, say) reuses them instead of recomputing them.
+Unreferenced cached blocks stay in an LRU list and are evicted only when the pool runs dry.
 
 `PagedBatch` adapts the pool to the model's `KVCacheLike` protocol for one forward pass over several sequences,
 so `GrokModel.forward` runs unchanged: it writes the new keys/values into their slots and hands attention each
@@ -14,6 +15,7 @@ sequence's whole context gathered from its blocks, with a mask that has the same
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,15 +35,25 @@ class BlockTable:
     """One sequence's blocks, in order; `hashes[i]` is set once block i is full and registered."""
 
     blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
 
 
-def block_hashes(tokens: list[int], block_size: int) -> list[int]:
+ROOT = b"gigafactory-kv-v1"  # the parent of a sequence's first block
+
+
+def chain_hash(parent: bytes, block: list[int]) -> bytes:
+    """SHA-256 of the parent block's hash and this block's token ids (fixed-width, so no two lists collide)."""
+    h = hashlib.sha256(parent)
+    h.update(b"".join(t.to_bytes(8, "little", signed=True) for t in block))
+    return h.digest()
+
+
+def block_hashes(tokens: list[int], block_size: int) -> list[bytes]:
     """Chained hashes of the full blocks of `tokens` (a block's identity includes everything before it)."""
-    out: list[int] = []
-    parent = 0
+    out: list[bytes] = []
+    parent = ROOT
     for i in range(len(tokens) // block_size):
-        parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        parent = chain_hash(parent, tokens[i * block_size : (i + 1) * block_size])
         out.append(parent)
     return out
 
@@ -58,8 +70,8 @@ class BlockPool:
         self.slot_ok = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=device)
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.cached: dict[int, int] = {}  # chained hash -> block
-        self.hash_of: dict[int, int] = {}  # block -> chained hash
+        self.cached: dict[bytes, int] = {}  # chained hash -> block
+        self.hash_of: dict[int, bytes] = {}  # block -> chained hash
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
         self.prefix_queries = 0  # prompt tokens looked up, and how many were found
         self.prefix_hits = 0
@@ -121,9 +133,9 @@ class BlockPool:
         n_full = computed // self.block_size
         if n_full <= len(table.hashes):
             return
-        parent = table.hashes[-1] if table.hashes else 0
+        parent = table.hashes[-1] if table.hashes else ROOT
         for i in range(len(table.hashes), n_full):
-            parent = hash((parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])))
+            parent = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             table.hashes.append(parent)
             block = table.blocks[i]
             if parent not in self.cached and block not in self.hash_of:
