@@ -1,6 +1,7 @@
 """Cost-model formulas against hand-computed values, and the planner's end-to-end behaviour."""
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ from gigafactory.plan.costmodel import (
     MODERN,
     Cluster,
     collective_bytes,
+    collective_time,
     estimate,
+    gemm_shape_efficiency,
     in_flight_microbatches,
     korthikanti_activation_bytes,
     pipeline_bubble_fraction,
@@ -27,7 +30,8 @@ from gigafactory.specs.layout import Layout, check_supported
 from gigafactory.specs.model_spec import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV = ROOT.parent / "shared" / "validation" / "public_runs.csv"
+CSV = ROOT / "src" / "gigafactory" / "data" / "validation" / "public_runs.csv"
+MOE_CSV = CSV.with_name("moe_runs.csv")
 EXE = str(Path(sys.executable).with_name("gigafactory"))
 
 
@@ -132,9 +136,73 @@ def test_validation_meets_the_bar() -> None:
     from gigafactory.plan.validate import validate_csv
 
     res = validate_csv(CSV)
-    assert res["median_abs_rel_error"] <= 0.10
-    assert res["max_abs_rel_error"] <= 0.25
-    assert {"id", "reported", "predicted", "rel_error"} <= set(res["rows"][0])
+    assert res["rows_not_fitting_memory"] == 0
+    assert res["median_abs_rel_error"] <= 0.05
+    assert res["max_abs_rel_error"] <= 0.15
+    assert {"id", "reported", "predicted", "rel_error", "fits_memory", "stack"} <= set(res["rows"][0])
+    moe = validate_csv(MOE_CSV)  # never fitted: a looser bar, the numbers are in docs/plan.md
+    assert moe["rows_not_fitting_memory"] == 0 and moe["max_abs_rel_error"] <= 0.25
+
+
+def test_rows_that_do_not_fit_are_counted_apart(tmp_path) -> None:
+    from gigafactory.plan.validate import validate_csv
+
+    lines = CSV.read_text().splitlines()
+    header, row = lines[0], lines[1]  # 1.7B on 32 A100s
+    cols = header.split(",")
+    big = row.split(",")
+    # the 1008B model's shape on 8 GPUs with plain data parallelism cannot hold its weights
+    for col, value in {"id": "TOO-BIG", "layers": "128", "d_model": "25600", "n_heads": "160",
+                       "n_kv_heads": "160", "ffn_hidden": "102400", "n_gpus": "8", "dp": "8",
+                       "global_batch_seqs": "8", "micro_batch": "1"}.items():
+        big[cols.index(col)] = value
+    f = tmp_path / "mixed.csv"
+    f.write_text("\n".join([header, row, ",".join(big)]) + "\n")
+    res = validate_csv(f)
+    assert res["rows_fitting_memory"] == 1 and res["rows_not_fitting_memory"] == 1
+    flags = {r["id"]: r["fits_memory"] for r in res["rows"]}
+    assert flags == {"N21-T1-1.7B": True, "TOO-BIG": False}
+    only = validate_csv(CSV.parent / "public_runs.csv")["rows"][0]
+    assert res["median_abs_rel_error"] == pytest.approx(abs(only["rel_error"]))  # the misfit is not averaged in
+
+
+def test_collective_latency_per_call_by_level() -> None:
+    h100 = get_gpu("h100-sxm")
+    cl = Cluster.of(h100, 100_000, "spectrum-x")
+    fab = cl.fabric
+    tiny = 8.0  # bytes: the alpha terms dominate
+    # all-gather is a ring: (8-1) NVLink steps + (nodes-1) network steps at the level the group spans
+    got = collective_time("all_gather", tiny, 64, 8, cl)  # 8 nodes, 64 GPUs: one leaf
+    assert got == pytest.approx(7 * fab.alpha_nvlink_s + 7 * fab.latency_s, rel=1e-3)
+    big = collective_time("all_gather", tiny, 8 * 4096, 8, cl)  # 32,768 GPUs: beyond one pod, the core tier
+    assert big == pytest.approx(7 * fab.alpha_nvlink_s + 4095 * fab.alpha_core_s, rel=1e-3)
+    # all-reduce: NCCL's double binary tree wins on latency, 2·log2(nodes) steps
+    ar = collective_time("all_reduce", tiny, 8 * 4096, 8, cl)
+    assert ar == pytest.approx(14 * fab.alpha_nvlink_s + 2 * 12 * fab.alpha_core_s, rel=1e-3)
+
+
+def test_gemm_efficiency_by_shape() -> None:
+    sms = 132
+    tiles = 32 * 64  # 8192² output in 256×128 tiles, run in waves of 132
+    want = 8192 / (8192 + 64) * tiles / (math.ceil(tiles / sms) * sms)
+    assert gemm_shape_efficiency(8192, 8192, 8192, sms) == pytest.approx(want, rel=1e-6)
+    # one more 256×128 tile than the SMs: two waves, the second nearly empty; smaller tiles do better
+    m, n = 256 * 12, 128 * 11 + 1
+    assert gemm_shape_efficiency(m, n, 4096, sms) < 0.8 * gemm_shape_efficiency(256 * 12, 128 * 11, 4096, sms)
+    assert gemm_shape_efficiency(16, 4096, 4096, sms) < 0.1  # skinny: most of each tile is padding
+
+
+def test_fsdp_latency_is_charged_per_layer_and_micro_batch() -> None:
+    g2 = PRESETS["grok-2"]
+    cl = Cluster.of(get_gpu("h100-sxm"), 100_000, "spectrum-x")
+    huge = Layout(dp_shard=12_500, tp=4, ep=8, cp=2)
+    c = estimate(g2, huge, cl, 12_500, 8192, with_bytes=False)
+    # every layer's gather is a ring over 25,000 shard ranks (4 per node): 6,249 network steps at core alpha
+    per_gather = 6_249 * cl.fabric.alpha_core_s
+    assert c.comm_s["fsdp_gather"] >= c.n_micro * 2 * g2.n_layers * per_gather
+    hsdp = Layout(dp_replicate=50, dp_shard=250, tp=4, ep=8, cp=2)
+    h = estimate(g2, hsdp, cl, 12_500, 8192, with_bytes=False)
+    assert h.step_time_s < c.step_time_s and h.mfu > 1.5 * c.mfu
 
 
 def test_malformed_csv_row_names_id_and_column(tmp_path) -> None:
@@ -159,6 +227,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_errors_are_one_line() -> None:
     for args, msg in [
+        (("plan", "--gpus", "0"), "--gpus"),
+        (("plan", "--gpus", "-8"), "--gpus"),
+        (("plan", "--seq-len", "0"), "--seq-len"),
         (("plan", "--gpu", "v100"), "unknown GPU"),
         (("plan", "--model", "grok-9"), "unknown model"),
         (("plan", "--gpus", "64", "--layout", "dp_shard=8,tp=4"), "multiply"),
@@ -167,7 +238,8 @@ def test_cli_errors_are_one_line() -> None:
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert msg.split("|")[0] in r.stderr or any(m in r.stderr for m in msg.split("|"))
-        assert len(r.stderr.strip().splitlines()) == 1 or "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
+        assert "Traceback" not in r.stderr and "╭" not in r.stderr
 
 
 def test_cli_plan_json_report_and_launch_files(tmp_path) -> None:

@@ -35,10 +35,16 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class Stack:
-    """What the training software overlaps and fuses. One per software generation, never per run.
+    """What the training software overlaps and fuses. One per software generation/framework, never per run.
 
-    ``dp_overlap``: fraction of the backward (and, for FSDP gathers, forward) compute that can hide data-parallel
-    traffic. ``tp_overlap``: fraction of tensor-parallel traffic hidden (TE userbuffers / async TP).
+    ``dp_overlap``: fraction of the compute (per layer, see `_fsdp_exposed`) that can hide data-parallel traffic.
+    ``tp_overlap``: fraction of tensor-parallel traffic hidden (TE userbuffers / async TP). ``ep_overlap``: fraction
+    of the expert all-to-all hidden behind another micro-batch's compute (DualPipe / Megatron's 1F1B A2A overlap).
+    ``fsdp``: data-parallel sharding is FSDP (parameters gathered per layer in every micro-batch); otherwise
+    Megatron-style (gradients reduced and parameters gathered once per step, optimizer sharded when
+    ``distributed_optimizer``). ``kernels_per_layer`` and ``kernel_gap_s``: GPU kernels a forward layer launches and
+    the idle gap between two of them (launch latency not hidden, tail of the previous kernel); backward launches
+    twice as many.
     """
 
     name: str
@@ -47,24 +53,50 @@ class Stack:
     dp_overlap: float = 1.0
     tp_overlap: float = 0.0
     pp_overlap: float = 0.0
+    ep_overlap: float = 0.0
     reshard_after_forward: bool = True
     grad_reduce_bytes: int = 4  # fp32 gradient reduction (torchtitan reduce_dtype, Megatron main grads)
     dropout: bool = False
     # replicated data parallelism shards the optimizer (Megatron-Core --use-distributed-optimizer, ZeRO-1):
     # gradients are reduce-scattered, updated shards all-gathered as bf16 parameters.
     distributed_optimizer: bool = False
+    fsdp: bool = True
+    kernels_per_layer: int = 24
+    kernel_gap_s: float = 2e-6
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
 # (fused scale-mask-softmax kernel, s² scores in HBM), dropout, gradient all-reduce after the backward pass
-# (no overlap), blocking TP all-reduces.
-MEGATRON_2021 = Stack("megatron-2021", flash_attention=False, dp_overlap=0.0, tp_overlap=0.0, dropout=True)
-# Megatron-Core 2024 / torchtitan: flash attention, gradient reduce-scatter and parameter all-gather overlapped
-# with compute (--overlap-grad-reduce / FSDP2 prefetch), TP communication still mostly on the critical path
-# (Megatron-Core's TP-comm overlap hides part of it: we take half).
+# (no overlap), blocking TP all-reduces, apex fused kernels.
+MEGATRON_2021 = Stack("megatron-2021", flash_attention=False, dp_overlap=0.0, tp_overlap=0.0, dropout=True,
+                      fsdp=False, kernels_per_layer=20)
+# Megatron-Core r0.8 (2024, the README's H100 table): flash attention (cuDNN/TE), distributed optimizer with
+# --overlap-grad-reduce and --overlap-param-gather, TE's TP communication overlap hides about half of TP traffic.
+MEGATRON_CORE_2024 = Stack("megatron-core-2024", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5,
+                           pp_overlap=0.5, distributed_optimizer=True, fsdp=False, kernels_per_layer=20)
+# NeMo / Megatron-Bridge 25.x: Megatron-Core 0.13+ with Transformer Engine, grouped GEMMs for experts, fused
+# permutation; EP all-to-all still on the critical path unless --overlap-moe-expert-parallel-comm (not in the
+# published recipes we use).
+NEMO_2025 = Stack("nemo-2025", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5,
+                  distributed_optimizer=True, fsdp=False, kernels_per_layer=20)
+# DeepSpeed ZeRO-3 (Megatron-DeepSpeed / HF): FSDP-like per-layer gathers with prefetch, fused kernels; TP as
+# Megatron (blocking).
+DEEPSPEED = Stack("deepspeed", flash_attention=True, dp_overlap=1.0, tp_overlap=0.0, pp_overlap=0.0,
+                  kernels_per_layer=28)
+# torchtitan / FSDP2 (what gigafactory's trainer runs): flash attention (SDPA), FSDP2 prefetch of the next
+# layer's gather and overlapped reduce-scatter, async TP hides about half of TP traffic; eager PyTorch launches
+# more kernels per layer than the fused frameworks.
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
-               distributed_optimizer=True)
-STACKS = {s.name: s for s in (MEGATRON_2021, MODERN)}
+               distributed_optimizer=True, kernels_per_layer=32)
+TORCHTITAN = MODERN
+STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, MODERN)}
+STACKS["torchtitan"] = MODERN
+
+# Expert load imbalance: the busiest expert-parallel rank receives this many times the mean tokens. 1.25 is the
+# capacity factor GShard and Switch Transformer provision for (Lepikhin et al. 2020; Fedus et al. 2021), and it
+# matches Megatron-Core's published Qwen3-235B measurement, 295 TFLOP/s with forced balance against 237 dropless
+# (yanring/Megatron-MoE-ModelZoo, best_practice/Qwen3: 1.245). Rows that forced balance use 1.0.
+EXPERT_IMBALANCE = 1.25
 
 
 @dataclass(frozen=True)
@@ -246,14 +278,44 @@ def _embed_params_on_stage(parts: _Parts, pp: int) -> int:
     return parts.embed + parts.head
 
 
-def _gemm_time(m: float, n: float, k: float, gpu: GPUSpec, count: float = 1.0) -> float:
-    """Roofline time of ``count`` (m×k)·(k×n) GEMMs in 16-bit."""
+# GEMM tiles cuBLAS/CUTLASS pick from (rows × cols of the output per thread block) and the fraction of the
+# best tile's per-SM rate each reaches: smaller tiles re-read operands more often. Tile and wave quantization as
+# in NVIDIA's "Matrix Multiplication Background User's Guide" (Deep Learning Performance docs): the output is cut
+# into tiles, tiles run in waves of one per SM, and a partial last wave or partial tiles waste the rest.
+_TILES = ((256, 128, 1.0), (128, 128, 0.9), (128, 64, 0.75), (64, 64, 0.55))
+_K_HALF = 64  # the k at which the main loop's prologue/epilogue costs as much as the loop (k/(k+64))
+
+
+def gemm_shape_efficiency(m: float, n: float, k: float, sms: int) -> float:
+    """Fraction of the large-GEMM rate an (m×k)·(k×n) GEMM reaches: best tile's wave × tile efficiency × k term."""
+    best = 0.0
+    for tm, tn, rate in _TILES:
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        waves = math.ceil(tiles / sms)
+        useful = m * n / (waves * sms * tm * tn)
+        best = max(best, rate * useful)
+    return best * k / (k + _K_HALF)
+
+
+def _gemm_time(m: float, n: float, k: float, gpu: GPUSpec, count: float = 1.0, fp8: bool = False) -> float:
+    """Time of ``count`` (m×k)·(k×n) GEMMs: max(FLOPs at the shape's rate, operand bytes at HBM bandwidth).
+
+    FP8 (Transformer Engine): operands 1 byte, FP8 peak × FP8 MAMF, output bf16; the bf16→fp8 casts of the
+    activation operand are charged as elementwise traffic (read 2, write 1 byte per element)."""
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
     flops = 2 * m * n * k
-    nbytes = 2 * (m * k + k * n + m * n)
-    rate = gpu.matmul_eff * gpu.sustained_eff * gpu.bf16_dense_flops
-    return count * max(flops / rate, nbytes / (gpu.hbm_eff * gpu.hbm_bw))
+    shape = gemm_shape_efficiency(m, n, k, gpu.sms)
+    bw = gpu.hbm_eff * gpu.hbm_bw
+    if fp8 and gpu.fp8_dense_flops:
+        rate = gpu.fp8_matmul_eff * gpu.sustained_eff * gpu.fp8_dense_flops * shape
+        nbytes = m * k + k * n + 2 * m * n
+        cast = 3 * m * k / bw
+    else:
+        rate = gpu.matmul_eff * gpu.sustained_eff * gpu.bf16_dense_flops * shape
+        nbytes = 2 * (m * k + k * n + m * n)
+        cast = 0.0
+    return count * (max(flops / rate, nbytes / bw) + cast)
 
 
 @dataclass(frozen=True)
@@ -264,13 +326,15 @@ class _LayerTime:
     attn_fwd_flops: float  # attention-core FLOPs of the forward (full square, as ModelSpec counts)
 
 
-def _layer_time(spec: ModelSpec, lay: Layout, gpu: GPUSpec, stack: Stack, seq: int) -> _LayerTime:
-    return _layer_time_cached(spec, lay.tp, lay.cp, lay.ep, lay.micro_batch, lay.recompute, gpu, stack, seq)
+def _layer_time(spec: ModelSpec, lay: Layout, gpu: GPUSpec, stack: Stack, seq: int, fp8: bool = False,
+                imbalance: float = EXPERT_IMBALANCE) -> _LayerTime:
+    return _layer_time_cached(spec, lay.tp, lay.cp, lay.ep, lay.micro_batch, lay.recompute, gpu, stack, seq, fp8,
+                              imbalance if spec.n_experts > 1 else 1.0)
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: int, recompute: str,
-                       gpu: GPUSpec, stack: Stack, seq: int) -> _LayerTime:
+                       gpu: GPUSpec, stack: Stack, seq: int, fp8: bool, imbalance: float) -> _LayerTime:
     lay = Layout(tp=tp, cp=cp, ep=ep, micro_batch=micro_batch, recompute=recompute)  # type: ignore[arg-type]
     t = lay.tp
     T = lay.micro_batch * seq / lay.cp  # tokens on this rank (context parallel splits the sequence)
@@ -279,16 +343,17 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     kv = spec.n_kv_heads * spec.head_dim
     heads = spec.n_heads / t
     sp = t if stack.sequence_parallel else 1
-    gemm = _gemm_time(T, (q + 2 * kv) / t, h, gpu) + _gemm_time(T, h, q / t, gpu)
-    gemm += _gemm_time(T, spec.n_experts, h, gpu)  # router (replicated)
-    # routed experts: ep·T·k tokens land on the E experts of the EP group; each GPU holds E/ep of them
-    m_e = lay.ep * T * spec.top_k / spec.n_experts
+    gemm = _gemm_time(T, (q + 2 * kv) / t, h, gpu, fp8=fp8) + _gemm_time(T, h, q / t, gpu, fp8=fp8)
+    gemm += _gemm_time(T, spec.n_experts, h, gpu)  # router (replicated, bf16/fp32)
+    # routed experts: ep·T·k tokens land on the E experts of the EP group; each GPU holds E/ep of them, and the
+    # busiest GPU gets `imbalance` × the mean (everyone waits for it at the combine)
+    m_e = lay.ep * T * spec.top_k / spec.n_experts * imbalance
     f = spec.expert_ffn / t
     local_experts = spec.n_experts / lay.ep
-    gemm += _gemm_time(m_e, f, h, gpu, 2 * local_experts) + _gemm_time(m_e, h, f, gpu, local_experts)
+    gemm += _gemm_time(m_e, f, h, gpu, 2 * local_experts, fp8) + _gemm_time(m_e, h, f, gpu, local_experts, fp8)
     if spec.dense_ffn:
         fd = spec.dense_ffn / t
-        gemm += _gemm_time(T, fd, h, gpu, 2) + _gemm_time(T, h, fd, gpu)
+        gemm += _gemm_time(T, fd, h, gpu, 2, fp8) + _gemm_time(T, h, fd, gpu, fp8=fp8)
     # attention core: QKᵀ and AV over the full key length
     attn_flops = 4 * T * seq * heads * spec.head_dim
     bw = gpu.hbm_eff * gpu.hbm_bw
@@ -312,8 +377,9 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     if spec.n_experts > 1:
         token_bytes += 2 * 2 * spec.top_k * h / sp  # permute tokens to experts and back
     elem = (T * token_bytes + scores_bytes) / bw
-    fwd = gemm + attn_fwd + elem
-    bwd = 2 * gemm + attn_bwd + 2 * elem
+    gaps = stack.kernels_per_layer * stack.kernel_gap_s
+    fwd = gemm + attn_fwd + elem + gaps
+    bwd = 2 * gemm + attn_bwd + 2 * elem + 2 * gaps
     if lay.recompute == "full":
         rec = fwd
     elif lay.recompute == "selective":
@@ -448,20 +514,53 @@ def collective_bytes(
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
-def _hier_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], nbytes: float, n: int, in_node: int,
-               cluster: Cluster) -> float:
-    """Hierarchical collective over n ranks, ``in_node`` of them per node: NVLink ring, then the node's NICs."""
+def level_alpha(span_gpus: int, cluster: Cluster) -> tuple[float, float]:
+    """(alpha per step, bandwidth factor) of a group whose members spread over ``span_gpus`` consecutive GPUs."""
+    fab = cluster.fabric
+    if span_gpus <= cluster.gpus_per_node:
+        return fab.alpha_nvlink_s, 1.0
+    if span_gpus <= fab.leaf_gpus:
+        return fab.latency_s, 1.0
+    if span_gpus <= fab.pod_gpus:
+        return fab.alpha_spine_s, 1.0
+    return fab.alpha_core_s, 1.0 / fab.core_oversubscription
+
+
+def collective_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], nbytes: float, n: int,
+                    in_node: int, cluster: Cluster, stride: int = 1) -> float:
+    """One NCCL collective call of a ``nbytes`` tensor (full size) over ``n`` ranks, ``in_node`` of them per node,
+    members ``stride`` GPUs apart. Hierarchical: a ring over NVLink inside the node, then the node's NICs in
+    parallel (each carries 1/in_node of the data) across nodes, every step paying the alpha of the highest level
+    the group spans. NCCL picks ring or double binary tree for all-reduce (the faster: the tree's latency grows
+    with log2 of the nodes, the ring's linearly); all-gather and reduce-scatter are ring-only."""
     if n <= 1 or nbytes <= 0:
         return 0.0
     gpu, fab = cluster.gpu, cluster.fabric
     g = max(1, min(in_node, n))
-    nodes = n // g
-    t = ring_time(kind, nbytes, g, gpu.nvlink_bw * gpu.nvlink_eff, 2e-6)
+    nodes = max(1, n // g)
+    t = ring_time(kind, nbytes, g, gpu.nvlink_bw * gpu.nvlink_eff, fab.alpha_nvlink_s)
     if nodes > 1:
-        # each of the g local ranks drives its own NIC with 1/g of the data; NCCL trees keep latency ~ log n
-        t += ring_time(kind, nbytes / g, nodes, fab.nic_bw * fab.efficiency)
-        t += fab.latency_s * 2 * math.log2(nodes)
+        alpha, taper = level_alpha(n * stride, cluster)
+        bw = fab.nic_bw * fab.efficiency * taper
+        ring = ring_time(kind, nbytes / g, nodes, bw, alpha)
+        if kind == "all_reduce":
+            tree = 2 * (nodes - 1) / nodes * nbytes / g / bw + 2 * math.ceil(math.log2(nodes)) * alpha
+            ring = min(ring, tree)
+        t += ring
     return t
+
+
+def _hier_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], nbytes: float, n: int, in_node: int,
+               cluster: Cluster, stride: int = 1) -> float:
+    return collective_time(kind, nbytes, n, in_node, cluster, stride)
+
+
+def _chain_exposed(comm: float, compute: float, layers: int, overlap: float) -> float:
+    """Exposed time of a per-layer chain: the transfer for layer i+1 runs during layer i's compute (a budget of
+    ``overlap`` × that compute); the first transfer of the chain never hides."""
+    if comm <= 0:
+        return 0.0
+    return comm + max(0, layers - 1) * max(0.0, comm - overlap * compute)
 
 
 def estimate(
@@ -472,6 +571,8 @@ def estimate(
     seq_len: int,
     stack: Stack = MODERN,
     with_bytes: bool = True,
+    fp8: bool = False,
+    expert_imbalance: float = EXPERT_IMBALANCE,
 ) -> StepCost:
     """Predict one optimizer step. ``global_batch_seqs`` must be a multiple of dp × micro_batch."""
     lay = layout
@@ -482,37 +583,38 @@ def estimate(
     layers = math.ceil(spec.n_layers / lay.pp)  # layers of the busiest stage
     T = lay.micro_batch * seq_len / lay.cp
     per_node = cluster.gpus_per_node
+    fab = cluster.fabric
     nv_bw = gpu.nvlink_bw * gpu.nvlink_eff
-    nic_bw = cluster.fabric.nic_bw * cluster.fabric.efficiency
+    nic_bw = fab.nic_bw * fab.efficiency
     notes: list[str] = []
 
     # ---- compute per micro-batch on the slowest stage
-    lt = _layer_time(spec, lay, gpu, stack, seq_len)
+    lt = _layer_time(spec, lay, gpu, stack, seq_len, fp8, expert_imbalance)
     head = _gemm_time(T, spec.vocab_size / lay.tp, spec.d_model, gpu)
     head_t = 3 * head + T * spec.vocab_size / lay.tp * 12 / (gpu.hbm_eff * gpu.hbm_bw)  # + fp32 softmax/loss
-    if lay.pp == 1:
-        stage_layers_t = spec.n_layers * (lt.fwd + lt.bwd + lt.recompute) + head_t
-    else:
-        stage_layers_t = layers * (lt.fwd + lt.bwd + lt.recompute) + head_t  # last stage also runs the head
+    layer_t = lt.fwd + lt.bwd + lt.recompute
+    stage_layers_t = layers * layer_t + head_t  # the last stage also runs the head
 
-    # ---- per-micro-batch communication inside the stage
+    # ---- per-micro-batch communication inside the stage, per call (per layer, per pass)
     act = T * spec.d_model * 2
     comm: dict[str, float] = {}
     exposed: dict[str, float] = {}
     passes = 2 + (1 if lay.recompute == "full" else 0)
     if lay.tp > 1:
         tp_bw = nv_bw if lay.tp <= per_node else nic_bw
-        one = ring_time("all_reduce", act, lay.tp, tp_bw, 3e-6)
+        one = ring_time("all_reduce", act, lay.tp, tp_bw, fab.alpha_nvlink_s if lay.tp <= per_node else fab.latency_s)
         comm["tp"] = n_micro * layers * 2 * passes * one
         exposed["tp"] = comm["tp"] * (1 - stack.tp_overlap)
     if lay.ep > 1:
         sp = lay.tp if stack.sequence_parallel else 1
-        send = spec.top_k * act / sp * (lay.ep - 1) / lay.ep
+        imb = expert_imbalance if spec.n_experts > 1 else 1.0
+        send = spec.top_k * act / sp * (lay.ep - 1) / lay.ep * imb
         ep_in_node = max(1, min(lay.ep, per_node // min(lay.tp, per_node)))
         off = (lay.ep - ep_in_node) / lay.ep / ((lay.ep - 1) / lay.ep)
-        one = max(send * (1 - off) / nv_bw, send * off / nic_bw) + cluster.fabric.latency_s * math.log2(lay.ep)
+        alpha, _ = level_alpha(lay.ep * lay.tp, cluster)
+        one = max(send * (1 - off) / nv_bw, send * off / nic_bw) + alpha * math.log2(lay.ep)
         comm["ep"] = n_micro * layers * 2 * passes * one
-        exposed["ep"] = comm["ep"]  # dispatch/combine sit between attention and experts: on the critical path
+        exposed["ep"] = comm["ep"] * (1 - stack.ep_overlap)
     if lay.cp > 1:
         kv = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * 2
         cp_in_node = per_node // min(lay.tp, per_node) >= lay.cp
@@ -522,7 +624,8 @@ def estimate(
         exposed["cp"] = n_micro * layers * 3 * max(0.0, one - attn_t)  # ring attention hides hops behind blocks
     if lay.pp > 1:
         sp = lay.tp if stack.sequence_parallel else 1
-        one = act / sp / nic_bw + cluster.fabric.latency_s
+        alpha, _ = level_alpha(cluster.n_gpus // lay.pp * 2, cluster)
+        one = act / sp / nic_bw + alpha
         comm["pp"] = n_micro * lay.pp_virtual * 2 * one
         exposed["pp"] = comm["pp"] * (1 - stack.pp_overlap)
 
@@ -532,55 +635,47 @@ def estimate(
     compute_s = n_micro * stage_layers_t
     bubble_s = (slots - n_micro) * mb_time
 
-    # ---- data parallel / FSDP
+    # ---- data parallel: FSDP per layer per micro-batch, or Megatron-style once per step
     shard = lay.dp_shard * lay.cp
-    layers_local = layers if lay.pp > 1 else spec.n_layers
+    layers_local = layers
     embed_stage = _embed_params_on_stage(parts, lay.pp)
     dense_local = (layers_local * parts.layer_dense + embed_stage) / lay.tp
     expert_local = layers_local * parts.layer_expert / (lay.tp * lay.ep)
     local_params = dense_local + expert_local
     tp_in = min(lay.tp, per_node)
     dp_in_node = max(1, per_node // tp_in)
-    dp_t = 0.0
-    gather_t = 0.0
-    if shard > 1:
-        exp_shard = max(1, shard // lay.ep)
-        in_node = min(shard, dp_in_node)
-        gathers = 2 if stack.reshard_after_forward else 1
-        gather_t = gathers * (_hier_time("all_gather", dense_local * 2, shard, in_node, cluster)
-                              + _hier_time("all_gather", expert_local * 2, exp_shard, min(exp_shard, in_node),
-                                           cluster))
-        dp_t += _hier_time("reduce_scatter", dense_local * stack.grad_reduce_bytes, shard, in_node, cluster)
-        dp_t += _hier_time("reduce_scatter", expert_local * stack.grad_reduce_bytes, exp_shard,
-                           min(exp_shard, in_node), cluster)
-        if lay.dp_replicate > 1:
-            rep_in = max(1, dp_in_node // shard)
-            dp_t += _hier_time("all_reduce", local_params / shard * stack.grad_reduce_bytes, lay.dp_replicate,
-                               rep_in, cluster)
-    elif lay.dp_replicate > 1 and stack.distributed_optimizer:
-        rep_in = min(lay.dp_replicate, dp_in_node)
-        dp_t += _hier_time("reduce_scatter", local_params * stack.grad_reduce_bytes, lay.dp_replicate, rep_in,
-                           cluster)
-        dp_t += _hier_time("all_gather", local_params * 2, lay.dp_replicate, rep_in, cluster)
-    elif lay.dp_replicate > 1:
-        dp_t += _hier_time("all_reduce", local_params * stack.grad_reduce_bytes, lay.dp_replicate,
-                           min(lay.dp_replicate, dp_in_node), cluster)
-    comm["dp_grads"] = dp_t
-    comm["fsdp_gather"] = n_micro * gather_t
-    # gathers prefetch behind each micro-batch's compute; the gradient reduction hides behind the last
-    # micro-batch's backward (all of it without pipelining when there is one micro-batch); the first layer's
-    # gather and the last layer's reduction can never hide.
-    edge = 1 / max(layers_local, 1)
-    mb_bwd = stage_layers_t * 2 / 3
-    exposed["fsdp_gather"] = n_micro * max(gather_t * edge, gather_t - stack.dp_overlap * stage_layers_t)
-    exposed["dp_grads"] = max(dp_t * edge, dp_t - stack.dp_overlap * mb_bwd)
-    if not stack.dp_overlap:
-        exposed["fsdp_gather"] = n_micro * gather_t
-        exposed["dp_grads"] = dp_t
+    exp_shard = max(1, shard // lay.ep)
+    layer_mb_t = (lt.fwd, lt.bwd + lt.recompute)  # compute a layer's transfer can hide behind, fwd and bwd
+    if stack.fsdp:
+        fsdp = _fsdp_comm(parts, lay, cluster, stack, shard, exp_shard, dp_in_node, layers_local, embed_stage)
+        comm["fsdp_gather"] = n_micro * fsdp["gather_mb"]
+        comm["dp_grads"] = fsdp["grads"]
+        ov = stack.dp_overlap
+        fwd_exp = _chain_exposed(fsdp["gather_layer"], layer_mb_t[0], layers_local, ov)
+        bwd_gather = fsdp["gather_layer"] if stack.reshard_after_forward else 0.0
+        bwd_exp = _chain_exposed(bwd_gather, layer_mb_t[1], layers_local, ov)
+        last_bwd = _chain_exposed(bwd_gather + fsdp["grads_layer"], layer_mb_t[1], layers_local, ov)
+        exposed["fsdp_gather"] = n_micro * (fwd_exp + fsdp["root"]) + (n_micro - 1) * bwd_exp
+        exposed["dp_grads"] = last_bwd
+    else:
+        dp_t, ag_t = _megatron_dp_comm(lay, cluster, stack, local_params, shard, dp_in_node, expert_local,
+                                       exp_shard)
+        comm["dp_grads"] = dp_t
+        comm["fsdp_gather"] = ag_t
+        mb_bwd = layers_local * layer_mb_t[1]
+        mb_fwd = layers_local * layer_mb_t[0]
+        edge = 1 / max(layers_local, 1)  # the last bucket's reduction (first layer's gather) never hides
+        ov = stack.dp_overlap
+        exposed["dp_grads"] = max(dp_t * edge, dp_t - ov * mb_bwd) if ov else dp_t
+        exposed["fsdp_gather"] = max(ag_t * edge, ag_t - ov * mb_fwd) if ov else ag_t
 
     # ---- optimizer: Adam streams fp32 master, grads, m, v (read 16 B, write 12 B) + bf16 copy (2 B)
-    opt_shard = lay.dp_replicate if (shard == 1 and stack.distributed_optimizer) else 1
-    opt_params = (dense_local / shard + expert_local / max(1, shard // lay.ep)) / opt_shard
+    dist_opt = (not stack.fsdp or shard == 1) and stack.distributed_optimizer
+    opt_shard = (lay.dp_replicate * (1 if stack.fsdp else shard)) if dist_opt else 1
+    fsdp_shard = shard if stack.fsdp else 1
+    fsdp_exp_shard = exp_shard if stack.fsdp else 1
+    opt_exp_shard = opt_shard // lay.ep if (not stack.fsdp and dist_opt) else opt_shard
+    opt_params = dense_local / fsdp_shard / opt_shard + expert_local / fsdp_exp_shard / max(1, opt_exp_shard)
     optimizer_s = opt_params * 30 / (gpu.hbm_eff * gpu.hbm_bw)
 
     step = slots * mb_time + exposed["fsdp_gather"] + exposed["dp_grads"] + optimizer_s
@@ -598,20 +693,19 @@ def estimate(
     hw_flops = model_flops + extra * tokens / cluster.n_gpus
 
     # ---- memory on the busiest GPU (first stage: most in-flight micro-batches)
-    exp_shard = max(1, shard // lay.ep)
-    mem = {k: dense_local * v for k, v in state_split(shard, opt_shard).items()}
-    for k, v in state_split(exp_shard, opt_shard).items():
+    mem = {k: dense_local * v for k, v in state_split(fsdp_shard, opt_shard).items()}
+    for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
-    if shard > 1:
+    if fsdp_shard > 1:
         per_layer = (parts.layer_dense + parts.layer_expert / lay.ep) / lay.tp
         mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
     act_layer = layer_activation_bytes(spec, lay, stack, seq_len)
     in_flight = in_flight_microbatches(lay, n_micro)
-    act = layers_local * act_layer * in_flight
+    act_mem = layers_local * act_layer * in_flight
     if lay.recompute == "full":
         full = lay.model_copy(update={"recompute": "none"})
-        act += layer_activation_bytes(spec, full, stack, seq_len)  # one layer rebuilt during backward
-    mem["activations"] = act
+        act_mem += layer_activation_bytes(spec, full, stack, seq_len)  # one layer rebuilt during backward
+    mem["activations"] = act_mem
     mem["logits"] = T * spec.vocab_size / lay.tp * (2 + 4 + 4)  # bf16 logits, fp32 softmax and its grad
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     if lay.pp > 1 and n_micro < lay.pp:
@@ -626,3 +720,63 @@ def estimate(
         optimizer_s=optimizer_s, memory=mem, memory_capacity=capacity, model_flops_per_gpu=model_flops,
         hw_flops_per_gpu=hw_flops, peak_flops=gpu.bf16_dense_flops, collective_bytes=cb, notes=notes,
     )
+
+
+def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard: int, exp_shard: int,
+               dp_in_node: int, layers: int, embed_stage: int) -> dict[str, float]:
+    """FSDP2 calls per layer (one FSDP unit per layer): the bf16 gather of a layer's dense and expert shards, the
+    fp32 reduce-scatter of its gradients (+ the HSDP all-reduce over dp_replicate), and the root unit's gather."""
+    t = lay.tp
+    inner = min(t, cluster.gpus_per_node)
+    in_node = min(shard, dp_in_node)
+    exp_in = min(exp_shard, in_node)
+    dense_l, expert_l = parts.layer_dense / t, parts.layer_expert / (t * lay.ep)
+    gb = stack.grad_reduce_bytes
+    gather = 0.0
+    grads = 0.0
+    if shard > 1:
+        gather = collective_time("all_gather", dense_l * 2, shard, in_node, cluster, inner)
+        gather += collective_time("all_gather", expert_l * 2, exp_shard, exp_in, cluster, inner * lay.ep)
+        grads = collective_time("reduce_scatter", dense_l * gb, shard, in_node, cluster, inner)
+        grads += collective_time("reduce_scatter", expert_l * gb, exp_shard, exp_in, cluster, inner * lay.ep)
+    if lay.dp_replicate > 1:
+        rep_in = max(1, dp_in_node // shard)
+        stride = inner * shard
+        grads += collective_time("all_reduce", (dense_l / shard + expert_l / exp_shard) * gb, lay.dp_replicate,
+                                 rep_in, cluster, stride)
+    root = embed_stage / t
+    root_t = collective_time("all_gather", root * 2, shard, in_node, cluster, inner) if shard > 1 else 0.0
+    root_rs = collective_time("reduce_scatter", root * gb, shard, in_node, cluster, inner) if shard > 1 else 0.0
+    gathers = 2 if stack.reshard_after_forward else 1
+    return {"gather_layer": gather, "grads_layer": grads, "root": root_t,
+            "gather_mb": gathers * layers * gather + root_t, "grads": layers * grads + root_rs}
+
+
+def _megatron_dp_comm(lay: Layout, cluster: Cluster, stack: Stack, local_params: float, shard: int,
+                      dp_in_node: int, expert_local: float, exp_shard: int) -> tuple[float, float]:
+    """Megatron-style data parallelism over all dp ranks, once per step, in buckets of one layer each: the
+    gradient reduce-scatter (distributed optimizer) or all-reduce, and the bf16 parameter all-gather."""
+    dp = lay.dp
+    if dp <= 1:
+        return 0.0, 0.0
+    inner = min(lay.tp, cluster.gpus_per_node)
+    in_node = min(dp, dp_in_node)
+    gb = stack.grad_reduce_bytes
+    dense = local_params - expert_local
+    exp_dp = max(1, dp // lay.ep)
+
+    def bucketed(kind: Literal["all_reduce", "all_gather", "reduce_scatter"], params: float, nbytes: float, n: int,
+                 stride: int) -> float:
+        # Megatron-Core buckets max(40M, 1M·dp) parameters per call (distributed_data_parallel_config.py)
+        calls = max(1, math.ceil(params / max(40e6, 1e6 * n)))
+        return calls * collective_time(kind, nbytes / calls, n, min(n, in_node), cluster, stride)
+
+    if stack.distributed_optimizer:
+        rs = bucketed("reduce_scatter", dense, dense * gb, dp, inner)
+        rs += bucketed("reduce_scatter", expert_local, expert_local * gb, exp_dp, inner * lay.ep)
+        ag = bucketed("all_gather", dense, dense * 2, dp, inner)
+        ag += bucketed("all_gather", expert_local, expert_local * 2, exp_dp, inner * lay.ep)
+        return rs, ag
+    ar = bucketed("all_reduce", dense, dense * gb, dp, inner)
+    ar += bucketed("all_reduce", expert_local, expert_local * gb, exp_dp, inner * lay.ep)
+    return ar, 0.0

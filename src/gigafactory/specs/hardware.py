@@ -46,18 +46,29 @@ class GPUSpec(BaseModel):
     sustained_eff: float = Field(gt=0, le=1, description="sustained in-training kernel rate / isolated benchmark")
     hbm_eff: float = Field(gt=0, le=1, description="achievable / nominal HBM bandwidth")
     nvlink_eff: float = Field(gt=0, le=1, description="NCCL bus bandwidth / nominal NVLink bandwidth")
+    sms: int = Field(132, gt=0, description="streaming multiprocessors (GEMM wave quantization)")
+    fp8_matmul_eff: float = Field(0.7, gt=0, le=1, description="achievable FP8 matmul / FP8 peak")
     device_names: tuple[str, ...] = Field((), description="substrings of torch.cuda.get_device_name()")
 
 
 class FabricSpec(BaseModel):
-    """A scale-out network. ``efficiency`` = achievable collective bus bandwidth / NIC line rate at scale."""
+    """A scale-out network in levels: the NVLink domain (a node), a leaf (one scalable unit of rail-optimised leaf
+    switches), a pod (a two-tier fat tree) and the core above pods. ``efficiency`` = achievable collective bus
+    bandwidth / NIC line rate. ``alpha_*`` = latency of one step of a collective (one message between
+    neighbours) whose group spans that level; ``core_oversubscription`` divides the bandwidth between pods."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     nic_gbps: float = Field(gt=0, description="line rate per GPU, Gb/s")
     efficiency: float = Field(gt=0, le=1)
-    latency_s: float = Field(gt=0, description="per-hop latency used for the alpha term of collectives")
+    latency_s: float = Field(gt=0, description="alpha of one collective step inside a leaf (legacy name)")
+    alpha_nvlink_s: float = Field(2e-6, gt=0, description="alpha of one collective step over NVLink")
+    alpha_spine_s: float = Field(7e-6, gt=0, description="alpha of one step across the spine (inside a pod)")
+    alpha_core_s: float = Field(10e-6, gt=0, description="alpha of one step across pods")
+    leaf_gpus: int = Field(256, gt=0, description="GPUs under one set of leaf switches (scalable unit)")
+    pod_gpus: int = Field(16_384, gt=0, description="GPUs in one non-blocking two-tier fat tree")
+    core_oversubscription: float = Field(1.0, ge=1, description="bandwidth taper between pods")
 
     @property
     def nic_bw(self) -> float:
@@ -102,13 +113,13 @@ class SiteSpec(BaseModel):
 # sustained_eff: the one calibrated number per generation. MAMF is a best-shape burst on an idle GPU; inside a
 # training step kernels run at sustained (power-capped) clocks, with launch gaps and imperfect tile fits. We use
 # round values, 0.85 (Ampere) and 0.80 (Hopper, Blackwell assumed alike), chosen against the generation's rows of
-# ../shared/validation/public_runs.csv as a whole (never per row). It is the least-sourced constant here: replace
+# data/validation/public_runs.csv as a whole (never per row). It is the least-sourced constant here: replace
 # it with a measured sustained-GEMM figure when one is available (catalog override file).
-_AMPERE = dict(generation="ampere", sustained_eff=0.85, matmul_eff=0.859, attn_eff=0.62, hbm_eff=0.85,
+_AMPERE = dict(generation="ampere", sms=108, sustained_eff=0.90, matmul_eff=0.859, attn_eff=0.62, hbm_eff=0.85,
                nvlink_eff=0.77)
-_HOPPER = dict(generation="hopper", sustained_eff=0.80, matmul_eff=0.801, attn_eff=0.60, hbm_eff=0.85,
+_HOPPER = dict(generation="hopper", sms=132, sustained_eff=0.90, matmul_eff=0.801, attn_eff=0.60, hbm_eff=0.85,
                nvlink_eff=0.80)
-_BLACKWELL = dict(generation="blackwell", sustained_eff=0.80, matmul_eff=0.776, attn_eff=0.60, hbm_eff=0.85,
+_BLACKWELL = dict(generation="blackwell", sms=148, sustained_eff=0.90, matmul_eff=0.776, attn_eff=0.60, hbm_eff=0.85,
                   nvlink_eff=0.80)
 
 GPUS: dict[str, GPUSpec] = {
@@ -153,12 +164,27 @@ ALIASES = {"a100": "a100-80g", "a100-80gb": "a100-80g", "a100-40gb": "a100-40g",
 # Spectrum-X (RoCE): NVIDIA's Colossus announcement (Oct 2024) states 95 % data throughput at 100k-GPU scale,
 # against ~60 % for standard Ethernet with flow collisions -> 0.9 (we take the lower of NDR and the claim).
 # HDR 200 Gb/s: Selene's fabric (DGX A100 SuperPOD reference architecture), same efficiency as NDR.
-# Latencies: a few microseconds per hop for RDMA (NVIDIA ConnectX-7 product brief, < 1 µs adapter + switches).
+# Levels and per-step latency (alpha). One step of a ring collective is a message to the neighbour and its
+# completion; NCCL's own tuning model (src/graph/tuning.cc, "hwLat" and "baseLat" tables) charges ~0.6-2 µs per
+# NVLink hop and ~5 µs per network hop for the LL/LL128 protocols and more for Simple; nccl-tests small-message
+# all_reduce_perf across 2 NDR nodes measures ~ 10-20 µs (2 steps). We take 2 µs per NVLink step, 5 µs per step
+# inside a leaf (ConnectX-7 adapter < 1 µs + one Quantum-2 switch hop < 1 µs + NCCL proxy/protocol overhead),
+# 7 µs across the spine (two more switch hops and longer cables), 10 µs across pods (core tier). Ethernet adds
+# ~ 1-3 µs per step (RoCE congestion control, store-and-forward switching).
+# Sizes: a DGX SuperPOD scalable unit is 32 DGX nodes = 256 GPUs on one set of rail-optimised leaf switches
+# (NVIDIA DGX SuperPOD H100 reference architecture); a two-tier fat tree of 64-port Quantum-2 switches (QM9700:
+# 64 × 400 Gb/s) serves 64 · 32 = 2,048 nodes per rail = 16,384 GPUs; larger clusters add a core tier. Meta's
+# 24k-GPU RoCE cluster tapers 1:7 between pods of 3,072 GPUs (Llama 3, arXiv:2407.21783 §3.3.1: "roce");
+# Spectrum-X at Colossus is non-blocking (NVIDIA, Oct 2024).
+# NCCL's algorithm choice (ring vs tree) is modelled in plan.costmodel.collective_time: all-reduce takes the
+# faster of ring and double binary tree; all-gather and reduce-scatter are ring-only in NCCL.
 FABRICS: dict[str, FabricSpec] = {
     "ib-ndr": FabricSpec(name="ib-ndr", nic_gbps=400, efficiency=0.9, latency_s=5e-6),
-    "ib-hdr": FabricSpec(name="ib-hdr", nic_gbps=200, efficiency=0.9, latency_s=5e-6),
-    "spectrum-x": FabricSpec(name="spectrum-x", nic_gbps=400, efficiency=0.9, latency_s=8e-6),
-    "roce": FabricSpec(name="roce", nic_gbps=400, efficiency=0.6, latency_s=10e-6),
+    "ib-hdr": FabricSpec(name="ib-hdr", nic_gbps=200, efficiency=0.9, latency_s=5e-6, pod_gpus=8_192),
+    "spectrum-x": FabricSpec(name="spectrum-x", nic_gbps=400, efficiency=0.9, latency_s=6e-6, alpha_spine_s=8e-6,
+                             alpha_core_s=11e-6),
+    "roce": FabricSpec(name="roce", nic_gbps=400, efficiency=0.6, latency_s=8e-6, alpha_spine_s=10e-6,
+                       alpha_core_s=14e-6, pod_gpus=3_072, core_oversubscription=7.0),
 }
 
 # ---- site ------------------------------------------------------------------------------------------------
