@@ -246,7 +246,7 @@ def _print(out: dict[str, Any], best: StepCost, camp: Any, shown: list[StepCost]
 
 
 def validate_plan(
-    file: Path = typer.Argument(..., help="CSV of published runs (format of gigafactory/data/validation/public_runs.csv)"),
+    file: Path = typer.Argument(..., help="CSV of published runs (format of data/validation/public_runs.csv)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Predict every published run in FILE under the layout it used; print the relative errors."""
