@@ -270,3 +270,52 @@ def test_plan_does_not_import_torch() -> None:
            "print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_reverse_limits_by_hand() -> None:
+    from gigafactory.plan.sizing import max_gpus, parse_duration, parse_money, parse_power
+
+    h100, site = get_gpu("h100-sxm"), get_site()
+    assert parse_power("100MW") == 1e8 and parse_money("$6B", "--budget") == 6e9 and parse_duration("90d") == 90 * 86400
+    per_w = (h100.tdp_w + site.server_overhead_w_per_gpu) * site.pue
+    assert max_gpus(h100, site, power_w=1e8) == math.floor(1e8 / per_w)
+    assert max_gpus(h100, site, budget_usd=6e9) == math.floor(6e9 / (h100.price_usd * site.system_cost_factor))
+    assert max_gpus(h100, site, lease_usd_month=3e8) == math.floor(3e8 / (h100.lease_usd_per_h * 730))
+    assert max_gpus(h100, site, power_w=1e9, budget_usd=1e6) == math.floor(1e6 / (h100.price_usd * 1.5))
+    for bad in ("-5MW", "0", "100XW", "lots"):
+        with pytest.raises(UserError, match="--power"):
+            parse_power(bad)
+    with pytest.raises(UserError, match="--deadline"):
+        parse_duration("-3d")
+
+
+def test_largest_plannable_and_deadline_search() -> None:
+    from gigafactory.plan.search import SearchResult
+    from gigafactory.plan.sizing import largest_plannable, smallest_for_deadline
+
+    calls: list[int] = []
+
+    def run(n: int) -> SearchResult:  # plans up to 40,000 GPUs (say, the batch cap), not above
+        calls.append(n)
+        return SearchResult(["plan"] if n <= 40_000 else [], 1, 0, 0.0, None, "time")  # type: ignore[list-item]
+
+    n, _ = largest_plannable(62_893, run, lambda n, r: "never")
+    assert n == 40_000 // 256 * 256 and len(calls) < 25
+    with pytest.raises(UserError, match="no layout fits"):
+        largest_plannable(62_893, lambda n: SearchResult([], 0, 0, 0.0, None, "time"), lambda n, r: "because")
+    n, days = smallest_for_deadline(90 * 86400, lambda n: 1e6 / n)  # days fall as 1/n
+    assert n == math.ceil(1e6 / 90 / 256) * 256 and days <= 90
+
+
+def test_cli_reverse_question_json() -> None:
+    r = _cli("plan", "--power", "100MW", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    sz = out["sizing"]
+    assert sz["max_gpus_allowed"] == 62_893 and out["n_gpus"] == sz["chosen_gpus"] <= 62_893
+    assert sz["site_power_mw"] <= 100 and out["campaign"]["peak_site_mw"] == pytest.approx(sz["site_power_mw"])
+    for args, msg in [(("plan", "--gpus", "8", "--power", "1MW"), "both choose"),
+                      (("plan", "--gpus", "145408"), "global batch of at least"),
+                      (("plan", "--checkpoint-s", "-1"), "--checkpoint-s")]:
+        r = _cli(*args)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -16,6 +16,16 @@ from gigafactory.errors import UserError
 from gigafactory.plan.campaign import DEFAULT_CHECKPOINT_S, DEFAULT_RESTART_S, campaign
 from gigafactory.plan.costmodel import GIB, STACKS, Cluster, StepCost, estimate
 from gigafactory.plan.search import SearchResult, search
+from gigafactory.plan.sizing import (
+    Sizing,
+    largest_plannable,
+    max_gpus,
+    parse_duration,
+    parse_money,
+    parse_power,
+    sizing,
+    smallest_for_deadline,
+)
 from gigafactory.specs import hardware
 from gigafactory.specs.layout import Layout
 from gigafactory.specs.model_spec import load_spec
@@ -41,6 +51,10 @@ def parse_count(text: str, what: str) -> float:
 
 
 def _no_fit_message(spec_name: str, res: SearchResult, run: Any) -> str:
+    if not res.evaluated:
+        target = max(1, round(run.batch / run.seq))
+        return f"no layout of {spec_name} evaluated on {run.n:,} GPUs: " + res.empty_reason(run.n, target, run.seq,
+                                                                                              2.0)
     lean = res.leanest
     need = (lean.memory_total + GIB) / 0.92 / 1e9 if lean else float("nan")
     more = ""
@@ -67,7 +81,16 @@ class _Runner:
 
 def plan(
     model: str = typer.Option("grok-2", help="preset (grok-1, grok-2, tiny, small) or a .toml/.json spec"),
-    gpus: int = typer.Option(100_000, min=1, help="number of GPUs"),
+    gpus: int | None = typer.Option(None, min=1, help="number of GPUs [default: 100000, or chosen by --power, "
+                                    "--budget, --lease-budget or --deadline]"),
+    power: str | None = typer.Option(None, help="site power (PUE and non-GPU load included), e.g. 100MW: plan "
+                                     "the largest GPU count it feeds"),
+    budget: str | None = typer.Option(None, help="all-in capital budget in dollars, e.g. 6B: plan the largest "
+                                      "GPU count it buys"),
+    lease_budget: str | None = typer.Option(None, help="monthly lease budget in dollars, e.g. 300M: plan the "
+                                            "largest GPU count it rents"),
+    deadline: str | None = typer.Option(None, help="training time, e.g. 90d: plan the smallest GPU count that "
+                                        "trains --tokens in time (reliability included)"),
     gpu: str = typer.Option("h100-sxm", help=f"GPU type: {', '.join(hardware.GPUS)}"),
     fabric: str = typer.Option("spectrum-x", help=f"scale-out fabric: {', '.join(hardware.FABRICS)}"),
     tokens: str = typer.Option(DEFAULT_TOKENS, help="training tokens (15T, 2e12...)"),
@@ -77,8 +100,8 @@ def plan(
     rank: str = typer.Option("time", help="rank layouts by time or cost"),
     top: int = typer.Option(5, min=1, help="layouts to show"),
     stack: str = typer.Option("modern", help=f"software stack assumptions: {', '.join(STACKS)}"),
-    checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, help="blocking seconds per checkpoint"),
-    restart_s: float = typer.Option(DEFAULT_RESTART_S, help="seconds to detect a failure and restart"),
+    checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, min=0, help="blocking seconds per checkpoint"),
+    restart_s: float = typer.Option(DEFAULT_RESTART_S, min=0, help="seconds to detect a failure and restart"),
     catalog: Path | None = typer.Option(None, help="TOML/JSON file overriding hardware/site values"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     report: Path | None = typer.Option(None, help="write a self-contained HTML report here"),
@@ -99,10 +122,14 @@ def plan(
     if seq_len > spec.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds {spec.name}'s context {spec.max_seq_len}")
     st = STACKS[stack]
-    run = _Runner(spec, g, gpus, fabric, batch, seq_len, st, rank)
+    site = hardware.get_site()
+    run = _Runner(spec, g, gpus or 100_000, fabric, batch, seq_len, st, rank)
+    sized = _size_fleet(run, gpus, power, budget, lease_budget, deadline, n_tokens, site, checkpoint_s, restart_s,
+                        layout)
+    gpus = run.n
     cluster = Cluster.of(g, gpus, fabric)
     why: list[str] = []
-    result: SearchResult | None = None
+    result: SearchResult | None = sized[1] if sized else None
     if layout:
         lay = Layout.parse(layout).validate(spec, gpus, cluster.gpus_per_node)
         seqs = max(1, round(batch / seq_len))
@@ -114,13 +141,12 @@ def plan(
                             f"use recompute=full")
         shown = [best]
     else:
-        result = run()
+        result = result or run()
         if not result.ranked:
             raise UserError(_no_fit_message(spec.name, result, run))
         best = result.best
         shown = result.ranked[:top]
         why = result.why
-    site = hardware.get_site()
     camp = campaign(best, g, gpus, n_tokens, site, checkpoint_s, restart_s)
 
     out: dict[str, Any] = {
@@ -132,6 +158,8 @@ def plan(
     }
     if result is not None:
         out["search"] = {"evaluated": result.evaluated, "fitting": result.fitting, "seconds": result.seconds}
+    if sized:
+        out["sizing"] = sized[0].to_dict()
 
     written: list[Path] = []
     if export:
@@ -146,6 +174,51 @@ def plan(
         print(json.dumps(out, indent=2, default=float))
         return
     _print(out, best, camp, shown, why, result, written, report)
+
+
+def _size_fleet(run: _Runner, gpus: int | None, power: str | None, budget: str | None, lease: str | None,
+                deadline: str | None, n_tokens: float, site: hardware.SiteSpec, checkpoint_s: float,
+                restart_s: float, layout: str | None) -> tuple[Sizing, SearchResult] | None:
+    """Answer --power/--budget/--lease-budget (largest count that fits) or --deadline (smallest that is in time);
+    sets ``run.n`` to the chosen count. None when --gpus (or its default) decides."""
+    asked = {k: v for k, v in (("power", power), ("budget", budget), ("lease_budget", lease),
+                               ("deadline", deadline)) if v is not None}
+    if not asked:
+        return None
+    if gpus is not None:
+        raise UserError(f"--gpus and --{next(iter(asked)).replace('_', '-')} both choose the GPU count; give one")
+    if layout:
+        raise UserError("--layout needs --gpus (a fixed layout fixes the GPU count)")
+    if "deadline" in asked:
+        if len(asked) > 1:
+            raise UserError("--deadline asks for the smallest fleet; do not combine it with --power/--budget")
+        seconds = parse_duration(deadline or "")
+        results: dict[int, SearchResult] = {}
+
+        def days_of(n: int) -> float | None:
+            res = results[n] = run(n=n)
+            return campaign(res.best, run.gpu, n, n_tokens, site, checkpoint_s, restart_s).days if res.ranked \
+                else None
+
+        n, _ = smallest_for_deadline(seconds, days_of)
+        run.n = n
+        return sizing("deadline", seconds, None, n, run.gpu, site), results[n]
+    watts = parse_power(power) if power else None
+    dollars = parse_money(budget, "--budget") if budget else None
+    monthly = parse_money(lease, "--lease-budget") if lease else None
+    cap = max_gpus(run.gpu, site, watts, dollars, monthly)
+    def explain(n: int, res: SearchResult) -> str:
+        old, run.n = run.n, n
+        try:
+            return _no_fit_message(run.spec.name, res, lambda f: SearchResult([], 0, 0, 0.0, None, "time"))
+        finally:
+            run.n = old
+
+    n, res = largest_plannable(cap, lambda c: run(n=c), explain)
+    run.n = n
+    question = "power" if len(asked) == 1 and power else "+".join(asked)
+    limit = watts if watts is not None else dollars if dollars is not None else monthly
+    return sizing(question, float(limit or 0.0), cap, n, run.gpu, site), res
 
 
 def _sweep(run: _Runner, counts: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -179,7 +252,8 @@ def _write_report(path: Path, spec: Any, g: hardware.GPUSpec, run: _Runner, best
 
 
 def _summary(out: dict[str, Any], best: StepCost, camp: Any) -> list[tuple[str, str]]:
-    return [
+    rows = _sizing_rows(out.get("sizing"))
+    return rows + [
         ("model", f"{out['model']} ({out['params_total'] / 1e9:.1f} B total, "
                   f"{out['params_active'] / 1e9:.1f} B active)"),
         ("cluster", f"{out['n_gpus']:,} × {out['gpu']} on {out['fabric']}"),
@@ -198,6 +272,21 @@ def _summary(out: dict[str, Any], best: StepCost, camp: Any) -> list[tuple[str, 
         ("buy", f"${camp.buy_usd / 1e6:,.0f} M (capex ${camp.capex_usd / 1e6:,.0f} M + electricity)"),
         ("lease", f"${camp.lease_usd / 1e6:,.0f} M ({camp.gpu_hours / 1e6:.1f} M GPU-h at list price)"),
     ]
+
+
+def _sizing_rows(sz: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not sz:
+        return []
+    unit = {"power": (1e-6, "MW site power"), "budget": (1e-9, "$B capital"),
+            "lease_budget": (1e-6, "$M lease per month"), "deadline": (1 / 86400, "days")}
+    scale, name = unit.get(sz["question"], (1.0, sz["question"]))
+    allowed = f", allows {sz['max_gpus_allowed']:,} GPUs" if sz["max_gpus_allowed"] else ""
+    rows = [("asked", f"{sz['limit'] * scale:,.1f} {name}{allowed}; chosen {sz['chosen_gpus']:,} GPUs"),
+            ("implies", f"{sz['site_power_mw']:.1f} MW site, ${sz['capex_usd'] / 1e9:.2f} B capital, "
+                        f"${sz['lease_usd_per_month'] / 1e6:.1f} M/month lease")]
+    if sz.get("note"):
+        rows.append(("note", sz["note"]))
+    return rows
 
 
 def _console() -> Console:

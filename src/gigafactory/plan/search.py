@@ -27,6 +27,20 @@ class SearchResult:
     leanest: StepCost | None  # smallest memory among all evaluated (to explain "nothing fits")
     rank_by: str
     why: list[str] = field(default_factory=list)
+    enumerated: int = 0  # layouts that divide the GPUs and the model (before the batch cap)
+    smallest_batch: int = 0  # smallest global batch (sequences) any enumerated layout can run
+
+    def empty_reason(self, n_gpus: int, target_seqs: int, seq_len: int, factor: float) -> str:
+        """Why nothing was evaluated: divisibility or the batch cap (empty when something was)."""
+        if self.evaluated:
+            return ""
+        if not self.enumerated:
+            return (f"no layout divides {n_gpus:,} GPUs for this model (tp must divide the heads and fit a node, "
+                    f"tp·pp·cp·dp must equal the GPUs, ep must divide dp_shard); use a multiple of 8 with more "
+                    f"small factors, e.g. {n_gpus // 256 * 256 or n_gpus // 8 * 8 or 8:,}")
+        return (f"every layout for {n_gpus:,} GPUs needs a global batch of at least {self.smallest_batch:,} "
+                f"sequences, over {factor:g}× the target of {target_seqs:,}; raise --global-batch to "
+                f"{self.smallest_batch * seq_len / factor / 1e6:,.0f}M tokens or use fewer GPUs")
 
     @property
     def best(self) -> StepCost:
@@ -39,14 +53,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def _shard_options(dp: int, per_node_dp: int) -> list[int]:
-    """FSDP shard-group sizes worth trying: none (DDP/ZeRO-1), a node, powers of two, and all of dp (FSDP)."""
-    opts = {1, dp}
-    d = max(per_node_dp, 2)
-    while d < dp:
-        if dp % d == 0:
-            opts.add(d)
-        d *= 2
-    return sorted(opts)
+    """FSDP shard-group sizes: every divisor of dp (HSDP groups of any size that divides, not only powers of
+    two), 1 (DDP / ZeRO-1) and dp (plain FSDP) included."""
+    return _divisors(dp)
 
 
 def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: Stack = MODERN,
@@ -113,10 +122,13 @@ def search(
     t0 = time.perf_counter()
     ranked: list[StepCost] = []
     leanest: StepCost | None = None
-    evaluated = 0
+    evaluated = enumerated = 0
+    smallest = 0
     for lay in enumerate_layouts(spec, cluster, seq_len, stack):
         unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule in MULTI_STAGE_SCHEDULES else 1)
         gbs = math.ceil(target / unit) * unit
+        enumerated += 1
+        smallest = min(smallest, gbs) if smallest else gbs
         if gbs > max_batch_factor * target:
             continue
         evaluated += 1
@@ -132,7 +144,8 @@ def search(
         ranked.sort(key=lambda c: (round(c.step_time_s / (c.global_batch_seqs * c.seq_len), 15),
                                    c.global_batch_seqs))
     result = SearchResult(ranked=ranked, evaluated=evaluated, fitting=len(ranked),
-                          seconds=time.perf_counter() - t0, leanest=leanest, rank_by=rank_by)
+                          seconds=time.perf_counter() - t0, leanest=leanest, rank_by=rank_by,
+                          enumerated=enumerated, smallest_batch=smallest)
     if ranked:
         result.why = explain(ranked)
         # recompute the per-collective byte counts only for the layouts we show
