@@ -3,19 +3,23 @@ watchdog; spike and straggler detection; Young/Daly cadence."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from gigafactory import checkpoint as ckpt
+from gigafactory.errors import UserError
 from gigafactory.train.config import make_config
 from gigafactory.train.loop import Trainer
-from gigafactory.train.resilience import SpikeDetector, StepGuard, stragglers, young_daly_steps
+from gigafactory.train.resilience import Checkpointer, SpikeDetector, StepGuard, stragglers, young_daly_steps
 
 FAST = dict(model="tiny", batch_size=4, seq_len=64, eval_every=100, eval_windows=2, warmup_steps=2, dtype="fp32")
 
@@ -144,3 +148,86 @@ def test_watchdog_ends_a_hung_process():
 def test_bad_checkpoint_cadence_is_a_one_line_error(tmp_path, cli, bad):
     proc = cli("train", "--model", "tiny", "--steps", "2", "--run-dir", str(tmp_path / "r"), "--checkpoint-every", bad)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "checkpoint_every" in proc.stderr
+
+
+# --- checkpoints: fallback, per-rank checksums, disk full, run-directory lock -------------------------------------
+
+
+def _tiny_state(n):
+    return {"model": {"w": torch.arange(n, dtype=torch.float32)}}
+
+
+def test_checkpoint_that_passes_checksums_but_does_not_load_falls_back(tmp_path):
+    # Step 4 holds a tensor of another shape: its checksums are right, but DCP cannot load it into this state and
+    # raises CheckpointException (a BaseException): the loader must fall back to step 2 like for any bad one.
+    ckpt.save(tmp_path, 2, _tiny_state(3), {"data_position": 2})
+    ckpt.save(tmp_path, 4, _tiny_state(5), {"data_position": 4})
+    assert ckpt.verify(ckpt.list_checkpoints(tmp_path)[0])["step"] == 4
+    state = {"model": {"w": torch.zeros(3)}}
+    loaded = ckpt.load_latest(tmp_path, state)
+    assert loaded is not None and loaded.path.name == "step_000002"
+    assert "step_000004 failed to load" in loaded.skipped[0]
+    assert torch.equal(state["model"]["w"], torch.arange(3, dtype=torch.float32))
+
+
+def test_manifest_records_per_rank_digests_and_each_rank_verifies_its_share(tmp_path):
+    path = ckpt.save(tmp_path, 2, {"model": {f"w{i}": torch.randn(64) for i in range(4)}}, {"data_position": 2})
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["world_size"] == 1 and len(manifest["hash_s_by_rank"]) == 1
+    names = sorted(manifest["files"])
+    assert ".metadata" in names and all(info["rank"] == ckpt.writer_rank(n) for n, info in manifest["files"].items())
+    assert ckpt.writer_rank("__3_0.distcp") == 3 and ckpt.writer_rank(".metadata") == 0
+    # Flip a byte (same size) in the file that is rank 0's share of two: rank 1 does not hash it, rank 0 does.
+    victim = path / names[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    ckpt.verify(path, rank=1, world=2)
+    with pytest.raises(ckpt.CorruptCheckpoint, match="checksum mismatch"):
+        ckpt.verify(path, rank=0, world=2)
+    with pytest.raises(ckpt.CorruptCheckpoint, match="checksum mismatch"):
+        ckpt.verify(path)
+
+
+def test_full_disk_is_a_one_line_error_before_and_during_a_save(tmp_path, monkeypatch):
+    def enospc(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="^disk full: cannot write a checkpoint"):
+        ckpt.save(tmp_path, 2, _tiny_state(3), {}, writer=enospc)
+    assert ckpt.list_checkpoints(tmp_path) == []
+    saver = Checkpointer(tmp_path, keep_last=2, asynchronous=False)
+    saver.save(2, _tiny_state(3), {})
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    with pytest.raises(UserError, match="^disk full: the next checkpoint needs about"):
+        saver.save(4, _tiny_state(3), {})
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000002"]
+
+
+def test_run_directory_lock_names_its_holder_and_detects_stale_locks(tmp_path):
+    run = tmp_path / "run"
+    (run / "ckpt" / ".step_000009.tmp").mkdir(parents=True)  # a save cut short by a crash
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gigafactory.checkpoint import RunLock; "
+         f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by another job \\(pid {holder.pid} on host"):
+            ckpt.lock_run_dir(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: the kernel dropped its flock; the lock file still names it.
+    lock, notes = ckpt.lock_run_dir(run)
+    try:
+        assert any(f"stale run-directory lock (pid {holder.pid}" in n for n in notes)
+        assert any(".step_000009.tmp" in n for n in notes) and not (run / "ckpt" / ".step_000009.tmp").exists()
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            ckpt.RunLock(run).acquire()  # a second lock in this process is refused too (flock is per open file)
+    finally:
+        lock.release()
+    lock2, notes2 = ckpt.lock_run_dir(run)  # released cleanly: nothing stale
+    lock2.release()
+    assert notes2 == []

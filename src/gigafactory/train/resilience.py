@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from gigafactory import checkpoint as ckpt
+from gigafactory.checkpoint import CheckpointException
+from gigafactory.errors import UserError
 
 
 def restarted() -> bool:
@@ -34,30 +36,53 @@ def restarted() -> bool:
 
 class Checkpointer:
     """Saves through DCP; in async mode the step loop only waits for the state to be copied to host memory,
-    the files are written by a background thread, and the checkpoint is committed (manifest + rename) at the
-    first step boundary after every rank's writes are done (`poll`). DCP's own collectives and the done-flags
-    use dedicated gloo groups, so they never queue behind training collectives."""
+    the files are written by a background thread, which then hashes the files this rank wrote, and the
+    checkpoint is committed (digests gathered, manifest + rename) at the first step boundary after every rank's
+    writes and hashes are done (`poll`). DCP's own collectives and the done-flags use dedicated gloo groups, so
+    they never queue behind training collectives. Before each save the free space is checked against the size
+    of the last checkpoint (or of the state, for the first), so a full disk is a one-line error, not a crash
+    inside a writer thread."""
 
     def __init__(self, run_dir: Path, keep_last: int, asynchronous: bool) -> None:
         self.run_dir, self.keep_last, self.asynchronous = run_dir, keep_last, asynchronous
         self._pending: tuple[Future[Any], int, dict[str, Any]] | None = None
         self._group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
         self._flags = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="gigafactory-ckpt-hash") if asynchronous else None
         self.last_blocking_s = 0.0  # what the step loop paid for the last save: the "C" of Young/Daly
+
+    def _check_space(self, state: dict[str, Any]) -> None:
+        need = ckpt.last_checkpoint_bytes(self.run_dir)
+        if need == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            need = ckpt.state_bytes(state) * world
+        problem = None
+        try:
+            ckpt.check_free_space(self.run_dir, need)
+        except UserError as err:
+            problem = str(err)
+        # Every rank stops, or none does (a rank alone in a collective save would hang its peers).
+        problems = [p for p in ckpt.all_gather_objects(problem, self._group) if p]
+        if problems:
+            raise UserError(problems[0])
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         self.wait()
+        self._check_space(state)
         if not self.asynchronous:
             ckpt.save(self.run_dir, step, state, meta, self.keep_last)
         else:
+            assert self._hasher is not None
             tmp = ckpt.begin(self.run_dir, step)
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = (future, step, meta)  # type: ignore[assignment]
+            written = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            future = self._hasher.submit(_write_then_hash, written, tmp, rank)
+            self._pending = (future, step, meta)
         self.last_blocking_s = time.perf_counter() - t0
 
     def poll(self) -> None:
-        """Commit the save in flight if every rank has finished writing (cheap; call once per step)."""
+        """Commit the save in flight if every rank has finished writing and hashing (cheap; once per step)."""
         if self._pending is None:
             return
         done = self._pending[0].done()
@@ -74,8 +99,19 @@ class Checkpointer:
             return
         future, step, meta = self._pending
         self._pending = None
-        future.result()
-        ckpt.commit(self.run_dir, step, meta, self.keep_last)
+        try:
+            digests = future.result()
+        except (Exception, CheckpointException) as err:
+            if ckpt.is_disk_full(err):
+                raise ckpt.disk_full_error(ckpt.ckpt_root(self.run_dir)) from None
+            raise
+        ckpt.commit(self.run_dir, step, meta, self.keep_last, digests=digests, group=self._group)
+
+
+def _write_then_hash(written: Future[Any], tmp: Path, rank: int) -> dict[str, Any]:
+    """Background: wait for this rank's DCP writes, then hash the files it wrote (off the step's critical path)."""
+    written.result()
+    return ckpt.digest_own_files(tmp, rank)
 
 
 class StepGuard:
