@@ -44,10 +44,11 @@ def exact_goodput(tau: float, cost: float, down: float, mtbf: float) -> float:
 
 def test_llama3_scenario_matches_the_paper() -> None:
     # Dubey et al. 2024: 466 interruptions (419 unexpected) in 54 days on 16,384 H100s, >90% effective training time.
-    res = simulate(make_config(gpus=16_384, days=54, replicas=50, seed=1))
-    assert abs(res.interruptions_mean - 466) <= 0.25 * 466
-    assert abs(res.interruptions_mean - 466) < 15  # calibrated, so much closer than the +-25% asked for
-    assert abs(res.unexpected_mean - 419) < 15
+    res = simulate(make_config(gpus=16_384, days=54, replicas=50, seed=1, profile="llama3-h100"))
+    # Calibrated on the table's counts per calendar day; only failures that find the job running interrupt it,
+    # which takes off the ~3.6% of the time the job is down.
+    assert abs(res.interruptions_mean - 466) <= 0.10 * 466
+    assert abs(res.unexpected_mean - 419) <= 0.10 * 419
     assert res.goodput_mean >= 0.90
     assert res.goodput_ci95[0] <= res.goodput_mean <= res.goodput_ci95[1]
     # GPU faults dominate the lost GPU-hours, as they dominate the table.
@@ -69,7 +70,8 @@ def test_default_failure_model_reproduces_table_counts() -> None:
 def test_mean_failure_count_is_rate_times_time() -> None:
     mtbf = 4 * 3600.0
     res = simulate(make_config(gpus=64, days=30, replicas=200, maintenance=False, failure_modes=one_mode(mtbf)))
-    expected = 30 * DAY / mtbf  # 180
+    # Only a running job can be interrupted: a renewal process of mean cycle MTBF + downtime (60 s + 300 s).
+    expected = 30 * DAY / (mtbf + 360.0)  # 175.6 (180 if failures during downtime counted too)
     se = math.sqrt(expected / 200)  # Poisson
     assert abs(res.interruptions_mean - expected) < 4 * se
     assert np.var(res.interruptions, ddof=1) == pytest.approx(expected, rel=0.3)  # Poisson: variance = mean
@@ -189,11 +191,11 @@ def test_spares_versus_waiting_for_repair() -> None:
     assert plenty.goodput_mean > few.goodput_mean + 0.05
     assert none.goodput_mean < 0.2
     assert plenty.time_fractions["down"] < few.time_fractions["down"] < none.time_fractions["down"]
-    # With plenty of spares there is no waiting: downtime is detection + restart per failure (no overlaps to speak
-    # of at this MTBF), exactly as when no failure needs a swap at all.
+    # With plenty of spares there is no waiting: downtime is detection + restart per failure, as when no failure
+    # needs a swap at all (up to the few swap faults that strike during a recovery and extend it).
     no_swap = [m.model_copy(update={"needs_swap": False}) for m in default_failure_model()]
     same = simulate(make_config(**base, spare_nodes=0, failure_modes=no_swap))
-    np.testing.assert_allclose(plenty.goodput, same.goodput)
+    np.testing.assert_allclose(plenty.goodput, same.goodput, atol=0.005)
 
 
 def test_async_checkpoints_beat_blocking_at_the_same_write_cost() -> None:
@@ -269,12 +271,12 @@ def test_api_rejects_bad_gpu_counts() -> None:
 
 def test_mtbf_seconds_scales_with_size() -> None:
     assert mtbf_seconds(16_384) / 3600 == pytest.approx(3.09, abs=0.01)  # "one failure every three hours"
-    assert mtbf_seconds(100_000) / 60 == pytest.approx(34, abs=2)  # the "about every half hour"
+    assert mtbf_seconds(100_000) / 60 == pytest.approx(30.4, abs=1)  # the "about every half hour"
     sizes = [8, 64, 1024, 16_384, 100_000]
     values = [mtbf_seconds(n) for n in sizes]
     assert values == sorted(values, reverse=True)
-    # Job-scoped software faults keep a small job's MTBF finite but long (about a day).
-    assert 0.5 * DAY < mtbf_seconds(8) < 2 * DAY
+    # Every cause scales with GPUs or nodes (software per node): one node fails 2,048 times less often.
+    assert mtbf_seconds(8) == pytest.approx(2048 * mtbf_seconds(16_384))
 
 
 def test_estimate_goodput_is_fast_and_consistent() -> None:
@@ -285,7 +287,10 @@ def test_estimate_goodput_is_fast_and_consistent() -> None:
     assert 0.5 < est.goodput_mean < 0.8
     lo, hi = est.goodput_ci95
     assert lo <= est.goodput_mean <= hi and hi - lo < 0.02
-    assert est.interruptions_mean == pytest.approx(30 * DAY / mtbf_seconds(100_000) + 30 * 47 / 54, rel=0.05)
+    # Unexpected faults plus planned stops of 12,500 nodes (47 per 2,048 nodes in 54 days), counted while running
+    # (each costs about 360 s of downtime: detection 60 + restart 300, or a 60 s save + restart 300).
+    rate = 1 / mtbf_seconds(100_000) + 47 / (54 * DAY) * 12_500 / 2048
+    assert est.interruptions_mean == pytest.approx(30 * DAY * rate / (1 + 360 * rate), rel=0.05)
     assert est.best_checkpoint_interval_s == pytest.approx(est.young_daly_interval_s, rel=0.3)
     assert "gigafactory.sim" in est.source
     assert estimate_goodput(100_000, checkpoint_cost_s=60, restart_s=300) == est

@@ -29,7 +29,8 @@ def app() -> typer.Typer:
 
 
 def test_json_output(app: typer.Typer) -> None:
-    res = CliRunner().invoke(app, ["simulate", "--gpus", "16384", "--days", "54", "--replicas", "20", "--json"])
+    res = CliRunner().invoke(app, ["simulate", "--gpus", "16384", "--days", "54", "--replicas", "20", "--json",
+                                   "--profile", "llama3-h100"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     for key in ("interruptions_mean", "goodput_mean", "goodput_ci95", "best_checkpoint_interval_s"):

@@ -12,6 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from gigafactory.errors import UserError
+from gigafactory.sim.profiles import DEFAULT_PROFILE, PROFILES
+
+
+class NodeLoss(StrEnum):
+    wait = "wait"
+    elastic = "elastic"
 
 
 class CheckpointMode(StrEnum):
@@ -59,6 +65,14 @@ def simulate(
     no_maintenance: bool = typer.Option(False, "--no-maintenance", help="no planned maintenance"),
     rate_scale: float = typer.Option(1.0, "--rate-scale", help="multiply every failure rate"),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node"),
+    profile: str = typer.Option(
+        DEFAULT_PROFILE, "--profile", help=f"failure rates of: {', '.join(PROFILES)} (see docs/simulate.md)"
+    ),
+    fabric: str = typer.Option("single-plane", "--fabric", help="single-plane or dual-plane network"),
+    watchdog: float = typer.Option(600.0, "--watchdog", help="seconds before a hang is noticed (collective timeout)"),
+    node_loss: NodeLoss = typer.Option(
+        NodeLoss.wait, "--node-loss", help="no spare ready: wait for the repair, or continue elastically on fewer nodes"
+    ),
     failure_model: Path | None = typer.Option(
         None, "--failure-model", help="JSON list of failure modes {name, scope: gpu|node|job, rate_per_day, ...}"
     ),
@@ -86,6 +100,10 @@ def simulate(
         "maintenance_interval_h": maintenance_hours,
         "rate_scale": rate_scale,
         "gpus_per_node": gpus_per_node,
+        "profile": profile,
+        "fabric": fabric,
+        "watchdog_s": watchdog,
+        "node_loss": node_loss.value,
     }
     if failure_model is not None:
         kwargs["failure_modes"] = _load_failure_model(failure_model)
@@ -139,13 +157,18 @@ def _print_tables(res: Any, report: Path | None) -> None:
     t.add_row("interruptions", f"{res.interruptions_mean:,.1f}  (95% CI {ilo:,.1f} to {ihi:,.1f})")
     t.add_row("interruptions per day", f"{res.interruptions_per_day:.2f}")
     t.add_row("job MTBF, unexpected", f"{res.mtbf_s / 3600:.2f} h")
+    if res.mtti_h is not None:
+        t.add_row("mean time to interruption", f"{res.mtti_h:,.1f} h")
+    t.add_row("failure profile / fabric", f"{c.profile} / {c.fabric}")
     t.add_row("goodput", f"{res.goodput_mean:.2%}  (95% CI {lo:.2%} to {hi:.2%})")
     t.add_row("checkpoint interval used", f"{res.checkpoint_interval_s:,.0f} s")
     t.add_row("best interval (sweep)", f"{res.best_checkpoint_interval_s:,.0f} s")
     t.add_row("Young/Daly sqrt(2CM)", f"{res.young_daly_interval_s:,.0f} s  (goodput {res.goodput_at_young_daly:.2%})")
     f = res.time_fractions
     t.add_row("time: checkpoint / rework / down", f"{f['checkpoint']:.2%} / {f['rework']:.2%} / {f['down']:.2%}")
-    t.add_row("hot spares / mode", f"{c.spares} nodes / {c.checkpoint_mode} checkpoints")
+    t.add_row("hot spares / mode", f"{c.spares} nodes / {c.checkpoint_mode} checkpoints / node loss: {c.node_loss}")
+    if f.get("degraded"):
+        t.add_row("time on fewer nodes (elastic)", f"{f['degraded']:.2%} of the job's capacity")
     console.print(t)
 
     lost = Table(title="lost GPU-hours by cause (mean per campaign)")
@@ -160,5 +183,30 @@ def _print_tables(res: Any, report: Path | None) -> None:
         console.print(f"report: {report}")
 
 
+def validate_sim(
+    replicas: int = typer.Option(50, help="Monte Carlo replicas per scenario"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Compare the simulator with published failure figures (Llama 3, Meta RSC, OPT-175B, BLOOM)."""
+    from gigafactory.sim.published import compare
+
+    rows = compare(replicas=replicas)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        t = Table(title="simulator vs published failure figures")
+        for col in ("figure", "profile", "published", "simulated", "ratio", "check"):
+            t.add_column(col, justify="right" if col in ("published", "simulated", "ratio") else "left")
+        for r in rows:
+            bound = f">= {r['published']:g}" if r["kind"] == "at_least" else f"within {r['factor']:g}x"
+            tag = " (calibrated)" if r["calibrated"] else ""
+            t.add_row(r["what"] + tag, r["profile"], f"{r['published']:,.3g}", f"{r['simulated']:,.3g}",
+                      f"{r['ratio']:.2f}", ("ok " if r["holds"] else "OFF ") + bound)
+        Console().print(t)
+    if not all(r["holds"] for r in rows):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
+    app.command("validate-sim")(validate_sim)

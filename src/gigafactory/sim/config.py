@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gigafactory.errors import UserError
-from gigafactory.sim.failures import FailureMode, default_failure_model, default_maintenance_interval_s
+from gigafactory.sim.failures import FailureMode, default_maintenance_interval_s
+from gigafactory.sim.profiles import FABRICS, PLANNER_PROFILE, PROFILES, failure_model
 
 DAY_S = 86_400.0
 
@@ -39,7 +40,15 @@ class SimConfig(BaseModel):
     maintenance_interval_h: float | None = Field(None, gt=0, description="None = Llama 3's 47 in 54 days")
     maintenance_extra_s: float = Field(0.0, ge=0, description="planned downtime beyond checkpoint + restart")
     rate_scale: float = Field(1.0, gt=0, description="multiplies every failure rate")
-    failure_modes: list[FailureMode] = Field(default_factory=default_failure_model, min_length=1)
+    profile: str = Field(PLANNER_PROFILE, description=f"failure-rate profile: {', '.join(PROFILES)}")
+    fabric: str = Field("single-plane", description=f"network fabric: {', '.join(FABRICS)}")
+    watchdog_s: float = Field(600.0, ge=0, description="collective timeout: when a hang is noticed")
+    node_loss: Literal["wait", "elastic"] = Field(
+        "wait", description="with no spare ready: wait for the repair, or continue on fewer nodes until it is back"
+    )
+    failure_modes: list[FailureMode] = Field(
+        default_factory=list, description="empty = the profile's modes on the fabric"
+    )
 
     @property
     def campaign_s(self) -> float:
@@ -70,8 +79,18 @@ class SimConfig(BaseModel):
         if not self.maintenance:
             return None
         if self.maintenance_interval_h is None:
-            return default_maintenance_interval_s()
+            return default_maintenance_interval_s(self.nodes)
         return self.maintenance_interval_h * 3600.0
+
+    @model_validator(mode="after")
+    def _fill_failure_modes(self) -> SimConfig:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        if self.fabric not in FABRICS:
+            raise ValueError(f"unknown fabric {self.fabric!r}; choose one of {', '.join(FABRICS)}")
+        if not self.failure_modes:
+            self.failure_modes = failure_model(self.profile, self.fabric)
+        return self
 
     @model_validator(mode="after")
     def _check_interval(self) -> SimConfig:

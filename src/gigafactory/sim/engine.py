@@ -78,16 +78,66 @@ class _Segments:
     kept_rep: list[np.ndarray] = field(default_factory=list)
     down_by_cause: list[np.ndarray] = field(default_factory=list)  # (replicas, causes + 1) seconds
     count_by_cause: list[np.ndarray] = field(default_factory=list)
+    degraded: list[np.ndarray] = field(default_factory=list)  # (replicas,) whole-job seconds lost to shrinking
+    swaps: list[np.ndarray] = field(default_factory=list)  # (replicas,) nodes taken out of the job for repair
     timeline: dict[str, np.ndarray] | None = None
 
     def joined(self, name: str) -> np.ndarray:
         return np.concatenate(getattr(self, name))
 
 
+@dataclass(frozen=True)
+class _Modes:
+    """Per-cause arrays the vectorised chunk needs (index C, one past the causes, is planned maintenance)."""
+
+    rates: np.ndarray  # events per second for this job
+    swap: np.ndarray  # needs a node swap
+    hang: np.ndarray  # noticed at the watchdog's timeout
+    lost_nodes: np.ndarray  # nodes one event takes down (correlated failures > 1)
+
+
+def _with_companions(t: np.ndarray, cause: np.ndarray, lost_nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A correlated event that takes k nodes down is followed, at the same instant, by k - 1 companions: they find
+    the job already down (so they interrupt nothing), but each needs its own swap."""
+    ts, cs = [t], [cause]
+    for c in np.nonzero(lost_nodes > 1)[0]:
+        tc = np.where(cause == c, t, np.inf)
+        tc = tc[:, np.isfinite(tc).any(axis=0)]
+        if tc.size:
+            ts += [tc] * (int(lost_nodes[c]) - 1)
+            cs += [np.full(tc.shape, c, dtype=np.int32)] * (int(lost_nodes[c]) - 1)
+    return (np.concatenate(ts, axis=1), np.concatenate(cs, axis=1)) if len(ts) > 1 else (t, cause)
+
+
+def _recoveries(end: np.ndarray, f0: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(time the job is up again after each event, up before it, whether the job was running when it came), with
+    only the `kept` events taking effect; `running` is evaluated for every event."""
+    n, ncol = end.shape
+    up = np.maximum.accumulate(np.where(kept, end, 0.0), axis=1) if ncol else np.zeros((n, 0))
+    prev = np.concatenate([np.zeros((n, 1)), up[:, :-1]], axis=1)
+    return up, prev, f0 >= prev
+
+
+def _only_while_running(end: np.ndarray, f0: np.ndarray, valid: np.ndarray, sticky: np.ndarray) -> np.ndarray:
+    """The events that take effect: those that find the job running, and every `sticky` one (a node that breaks
+    during a recovery still needs its swap). Whether an event finds the job running depends on which earlier
+    ones took effect, so iterate to the fixed point: each pass settles at least the earliest undecided event, and
+    chains of recoveries overlapping each other are short, so a few passes suffice."""
+    kept = valid
+    for _ in range(1000):
+        _, _, running = _recoveries(end, f0, kept)
+        new = valid & (running | sticky)
+        if np.array_equal(new, kept):
+            return kept
+        kept = new
+    raise RuntimeError("recovery chains did not settle")  # unreachable: at most one pass per event
+
+
 def _simulate_chunk(
-    cfg: SimConfig, rates: np.ndarray, swap: np.ndarray, rng: np.random.Generator, n: int, first: int, seg: _Segments
+    cfg: SimConfig, modes: _Modes, rng: np.random.Generator, n: int, first: int, seg: _Segments
 ) -> None:
     T = cfg.campaign_s
+    rates = modes.rates
     C = len(rates)
     lam = float(rates.sum())
     counts = rng.poisson(lam * T, n)
@@ -97,6 +147,7 @@ def _simulate_chunk(
     cdf = np.cumsum(rates) / lam
     cdf[-1] = 1.0
     cause = np.searchsorted(cdf, rng.random((n, width)), side="right").astype(np.int32)
+    t, cause = _with_companions(t, cause, modes.lost_nodes)
 
     interval = cfg.maintenance_interval_s
     if interval is not None:
@@ -106,7 +157,7 @@ def _simulate_chunk(
         t = np.concatenate([t, tp], axis=1)
         cause = np.concatenate([cause, np.full((n, p), C, dtype=np.int32)], axis=1)
 
-    order = np.argsort(t, axis=1)
+    order = np.argsort(t, axis=1, kind="stable")
     f = np.take_along_axis(t, order, axis=1)
     cause = np.take_along_axis(cause, order, axis=1)
     valid = f < T
@@ -116,20 +167,33 @@ def _simulate_chunk(
     planned = valid & (cause == C)
 
     # Recovery end per event, spares first-in-first-out (see the module docstring).
-    needs_swap = valid & np.append(swap, False)[cause]
-    ready = f0 + cfg.detection_s
+    needs_swap = valid & np.append(modes.swap, False)[cause]
+    detect = np.where(np.append(modes.hang, False)[cause], cfg.watchdog_s, cfg.detection_s)
+    ready = f0 + detect
+    degraded = np.zeros(n)
     if needs_swap.any():
         swapped = np.sort(np.where(needs_swap, f, np.inf), axis=1)
         idx = np.cumsum(needs_swap, axis=1) - 1 - cfg.spares
         back = np.take_along_axis(swapped, np.clip(idx, 0, None), axis=1) + cfg.repair_h * 3600.0
-        ready = np.where(needs_swap & (idx >= 0), np.maximum(ready, back), ready)
+        short = needs_swap & (idx >= 0) & (back > ready)
+        if cfg.node_loss == "wait":
+            ready = np.where(short, back, ready)
+        else:
+            # Elastic: restart now on one node fewer. A repaired node rejoins at the job's next restart (elastic
+            # launchers re-form the group then; a restart just for it would cost a whole recovery), on average one
+            # job MTBF after it is back (failures are memoryless). Meanwhile the job runs at (nodes - 1) / nodes.
+            start = np.minimum(ready + cfg.restart_s, T)
+            missing = np.clip(np.minimum(back + 1.0 / lam, T) - start, 0.0, None)
+            degraded = np.where(short, missing / cfg.nodes, 0.0).sum(axis=1)
     end = ready + cfg.restart_s
     end = np.where(planned, f0 + cfg.stall_s + cfg.durable_delay_s + cfg.restart_s + cfg.maintenance_extra_s, end)
     end = np.where(valid, end, 0.0)
 
-    up = np.maximum.accumulate(end, axis=1) if ncol else np.zeros((n, 0))
-    prev = np.concatenate([np.zeros((n, 1)), up[:, :-1]], axis=1)
-    running = valid & (f0 >= prev)
+    # Only a running job can be interrupted: a software fault or a planned stop cannot strike a job that is down,
+    # so such events during a recovery have no effect (a node that breaks meanwhile still needs its swap).
+    valid = _only_while_running(end, f0, valid, needs_swap)
+    up, prev, running = _recoveries(end, f0, valid)
+    running = running & valid
     length = np.where(running, f0 - prev, 0.0)
     # Downtime added by each event (a failure during a recovery only adds the extension it causes).
     down = np.where(valid, np.clip(np.minimum(up, T) - np.maximum(prev, f0), 0.0, None), 0.0)
@@ -146,7 +210,10 @@ def _simulate_chunk(
     seg.kept_rep.append(np.concatenate([rows[kept], np.arange(n)]) + first)
     key = (rows * (C + 1) + cause)[valid]
     seg.down_by_cause.append(np.bincount(key, weights=down[valid], minlength=n * (C + 1)).reshape(n, C + 1))
-    seg.count_by_cause.append(np.bincount(key, minlength=n * (C + 1)).reshape(n, C + 1))
+    key_run = (rows * (C + 1) + cause)[running]
+    seg.count_by_cause.append(np.bincount(key_run, minlength=n * (C + 1)).reshape(n, C + 1))
+    seg.degraded.append(degraded)
+    seg.swaps.append((valid & needs_swap).sum(axis=1))
     if seg.timeline is None:
         m = valid[0]
         seg.timeline = {
@@ -187,6 +254,7 @@ class SimResult:
     mtbf_s: float
     lost_gpu_hours_by_cause: dict[str, float]
     interruptions_by_cause: dict[str, float]
+    swaps_mean: float
     time_fractions: dict[str, float]
     rework_per_failure_s: float
     sweep_intervals_s: np.ndarray
@@ -198,6 +266,14 @@ class SimResult:
     @property
     def interruptions_per_day(self) -> float:
         return self.interruptions_mean / self.config.days
+
+    @property
+    def mtti_h(self) -> float | None:
+        """Mean time to interruption: hours the job was up over interruptions (planned ones included), as job
+        MTTF is measured in the field (time waiting for a repair is not time the job could fail in). None if no
+        interruption."""
+        up_h = self.config.days * 24 * (1 - self.time_fractions["down"])
+        return up_h / self.interruptions_mean if self.interruptions_mean > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -212,6 +288,10 @@ class SimResult:
             "interruptions_mean": self.interruptions_mean,
             "interruptions_ci95": list(self.interruptions_ci95),
             "interruptions_per_day": self.interruptions_per_day,
+            "mtti_h": self.mtti_h,
+            "profile": c.profile,
+            "fabric": c.fabric,
+            "node_loss": c.node_loss,
             "unexpected_interruptions_mean": self.unexpected_mean,
             "mtbf_s": self.mtbf_s,
             "goodput_mean": self.goodput_mean,
@@ -224,6 +304,7 @@ class SimResult:
             "time_fractions": self.time_fractions,
             "lost_gpu_hours_by_cause": self.lost_gpu_hours_by_cause,
             "interruptions_by_cause": self.interruptions_by_cause,
+            "node_swaps_mean": self.swaps_mean,
             "elapsed_s": self.elapsed_s,
         }
 
@@ -236,8 +317,14 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
     """Run `cfg.replicas` replicas of the campaign and sweep the checkpoint interval on the same failure draws."""
     start = time.perf_counter()
     T = cfg.campaign_s
-    rates = np.array([m.job_rate_per_s(cfg.gpus, cfg.gpus_per_node) for m in cfg.failure_modes]) * cfg.rate_scale
-    swap = np.array([m.needs_swap for m in cfg.failure_modes])
+    fm = cfg.failure_modes
+    rates = np.array([m.job_rate_per_s(cfg.gpus, cfg.gpus_per_node) for m in fm]) * cfg.rate_scale
+    modes = _Modes(
+        rates=rates,
+        swap=np.array([m.needs_swap for m in fm]),
+        hang=np.array([m.hang for m in fm]),
+        lost_nodes=np.array([m.nodes_lost(cfg.gpus, cfg.gpus_per_node) for m in fm]),
+    )
     names = [m.name for m in cfg.failure_modes] + [PLANNED]
     C = len(rates)
     n_rep = cfg.replicas
@@ -247,16 +334,17 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
     for i, stream in enumerate(streams):
         first = i * _CHUNK
         n = min(_CHUNK, n_rep - first)
-        _simulate_chunk(cfg, rates, swap, np.random.default_rng(stream), n, first, seg)
+        _simulate_chunk(cfg, modes, np.random.default_rng(stream), n, first, seg)
         if progress is not None:
             progress(first + n, n_rep)
+    degraded = seg.joined("degraded")
     lost_len, lost_rep, lost_cause = seg.joined("lost_len"), seg.joined("lost_rep"), seg.joined("lost_cause")
     kept_len, kept_rep = seg.joined("kept_len"), seg.joined("kept_rep")
     s, w = cfg.stall_s, cfg.durable_delay_s
 
     def goodput_at(tau: float) -> np.ndarray:
         a, _, b, _ = _work(tau, s, w, lost_len, kept_len)
-        return (np.bincount(lost_rep, a, n_rep) + np.bincount(kept_rep, b, n_rep)) / T
+        return np.maximum(np.bincount(lost_rep, a, n_rep) + np.bincount(kept_rep, b, n_rep) - degraded, 0.0) / T
 
     # Sweep: a log grid around Young/Daly, then a finer one around the best point.
     mtbf = 1.0 / float(rates.sum())
@@ -287,7 +375,8 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
     down_by_cause = seg.joined("down_by_cause")
     count_by_cause = seg.joined("count_by_cause")
     downtime = down_by_cause.sum(axis=1)
-    goodput = useful / T
+    degraded = seg.joined("degraded")
+    goodput = np.maximum(useful - degraded, 0.0) / T
     interruptions = count_by_cause.sum(axis=1).astype(float)
 
     gpu_h = cfg.gpus / 3600.0
@@ -315,11 +404,13 @@ def simulate(cfg: SimConfig, progress: Callable[[int, int], None] | None = None)
         mtbf_s=mtbf,
         lost_gpu_hours_by_cause=lost_by_cause,
         interruptions_by_cause=by_cause,
+        swaps_mean=float(seg.joined("swaps").mean()),
         time_fractions={
             "useful": float(goodput.mean()),
             "checkpoint": float(stalls.mean() / T),
             "rework": float(rework_by_cause.sum(axis=1).mean() / T),
             "down": float(downtime.mean() / T),
+            "degraded": float(np.minimum(degraded, useful).mean() / T),
         },
         rework_per_failure_s=float(rework.mean()) if rework.size else 0.0,
         sweep_intervals_s=taus_arr,
