@@ -28,6 +28,8 @@ LAYOUTS = {  # name -> (layout, ranks)
     "pp2": ("pp=2,pp_schedule=1f1b", 2),
     "fsdp2_tp2": ("dp_shard=2,tp=2", 4),
     "fsdp2_ep2": ("dp_shard=4,ep=2", 4),  # experts: ep=2 × FSDP over the other 2 of dp_shard
+    "hsdp": ("dp_replicate=2,dp_shard=2", 4),
+    "ep2_tp2": ("dp_shard=2,ep=2,tp=2", 4),  # experts whole over the 2 data-parallel ranks, attention over tp
 }
 REL = 1e-4
 
@@ -54,15 +56,21 @@ def _launch(run_dir: Path, layout: str, nproc: int, resume: bool = False) -> dic
     return {"losses": losses, "grads": grads, "metrics": run_dir / "metrics.jsonl"}
 
 
+class _Runs(dict):
+    """Layout runs launched on first use (so a `-k` selection starts only the runs it needs)."""
+
+    def __missing__(self, name: str) -> dict:
+        layout, nproc = LAYOUTS[name]
+        self[name] = _launch(_copy_prepared(self["root"] / "single", self["root"] / name), layout, nproc)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("parallel")
     ref = run(str(root / "single"), None, resume=False)
-    out = {"single": ref, "root": root}
-    for name, (layout, nproc) in LAYOUTS.items():
-        out[name] = _launch(_copy_prepared(root / "single", root / name), layout, nproc)
-    return out
+    return _Runs(single=ref, root=root)
 
 
 def _rel(a: float, b: float) -> float:
@@ -107,7 +115,7 @@ def test_checkpoint_reshards_tp_to_one_process(runs: dict) -> None:
         assert _rel(a, b) <= REL
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "tp2", "ep2"])
+@pytest.mark.parametrize("name", ["fsdp2", "tp2", "ep2", "hsdp", "ep2_tp2"])
 def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> None:
     from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
     from gigafactory.specs import load_spec

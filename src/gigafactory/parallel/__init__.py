@@ -32,6 +32,7 @@ class Parallelized:
     meshes: Meshes
     fsdp_units: list[FSDPModule] = field(default_factory=list)
     pipeline: Pipeline | None = None
+    tp_replicated: list[nn.Module] = field(default_factory=list)  # whole on every tp rank, each saw its tokens
 
     @property
     def tp_mesh(self) -> Any:
@@ -43,10 +44,27 @@ class Parallelized:
             self.fsdp_units[-1].set_requires_gradient_sync(sync, recurse=True)
 
     def clip_grad_norm_(self, max_norm: float, counter: CommCounter | None = None) -> float:
-        """Global gradient norm over every rank's shards (each distinct element counted once), then clip."""
+        """Sum the gradients still partial over tp (whole experts under tp × ep: once per step, not per
+        micro-batch), then the global gradient norm over every rank's shards (each distinct element counted
+        once), then clip."""
+        self._sum_over_tp(counter)
         skip = self.pipeline.skip_in_norm() if self.pipeline else set()
         params = [p for p in self.model.parameters() if p.grad is not None]
         return clip_grad_norm_(params, max_norm, self.meshes.layout.pp, skip, counter)
+
+
+    def _sum_over_tp(self, counter: CommCounter | None) -> None:
+        if not self.tp_replicated:
+            return
+        local = [_local(p.grad) for m in self.tp_replicated for p in m.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in local])
+        dist.all_reduce(flat, group=self.meshes.tp.get_group())
+        parts = flat.split([g.numel() for g in local])
+        torch._foreach_copy_(local, [f.view_as(g) for f, g in zip(parts, local, strict=True)])
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    return g._local_tensor if isinstance(g, DTensor) else g
 
 
 def _copies(grad: torch.Tensor, ranks_per_stage: int) -> int:
@@ -99,12 +117,13 @@ def parallelize(model: GrokModel, meshes: Meshes, device: torch.device, n_micro:
         apply_recompute(pipe.model, lay.recompute)
         return Parallelized(pipe.model, meshes, pipeline=pipe)
     if lay.tp > 1:
-        apply_tp(model, meshes.tp)
+        apply_tp(model, meshes.tp, experts_whole=lay.ep > 1)
+    experts: list[nn.Module] = []
     if lay.ep > 1:
         expert_fsdp = lay.dp_shard // lay.ep * lay.dp_replicate > 1
-        apply_ep(model, meshes.ep, grad_scale=1.0 if expert_fsdp else 1 / lay.ep)
+        experts = apply_ep(model, meshes.ep, grad_scale=1.0 if expert_fsdp else 1 / lay.ep)
     apply_recompute(model, lay.recompute)
     units: list[FSDPModule] = []
     if lay.dp_shard * lay.dp_replicate > 1:
         units = apply_fsdp(model, meshes, force_sum=device.type == "cpu")
-    return Parallelized(model, meshes, units)
+    return Parallelized(model, meshes, units, tp_replicated=experts if lay.tp > 1 else [])

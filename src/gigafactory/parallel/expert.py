@@ -18,7 +18,7 @@ import types
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 
@@ -52,13 +52,18 @@ def ep_dispatch_compute(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: 
     return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
 
 
-def apply_ep(model: GrokModel, mesh: DeviceMesh, grad_scale: float) -> None:
+def apply_ep(model: GrokModel, mesh: DeviceMesh, grad_scale: float) -> list[nn.Module]:
+    """Split the experts over `mesh`; returns the expert modules (under tp × ep they are whole on every tp rank,
+    and their gradients still need summing over tp: `Parallelized.clip_grad_norm_` does it once per step)."""
     group = mesh.get_group()
+    modules: list[nn.Module] = []
     for moe in model.moe_layers():
         ex = moe.experts
         for name in ("w_gate", "w_up", "w_down"):
             distribute_param(ex, name, mesh, Shard(0))
         use_local_params(ex, [(ex, n) for n in ("w_gate", "w_up", "w_down")], grad_scale=grad_scale)
+        modules.append(ex)
         moe.dispatch_compute = types.MethodType(  # type: ignore[method-assign]
             lambda self, x, gates, idx: ep_dispatch_compute(self, x, gates, idx, group), moe
         )
+    return modules

@@ -20,12 +20,13 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 
-from gigafactory.model.grok import Attention, Block, DenseFFN, GrokModel, MoE, RMSNorm
+from gigafactory.model.grok import Attention, Block, DenseFFN, GrokModel, MoE, RMSNorm, _AuxLossGrad
 from gigafactory.parallel._local import use_local_params, wrap_io
 from gigafactory.parallel.comm import all_reduce_grad, gather_seq, scale_grad, scatter_seq
 
@@ -45,7 +46,9 @@ def seq_slice(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
     return x.narrow(dim, r * (x.shape[dim] // n), x.shape[dim] // n)
 
 
-def apply_tp(model: GrokModel, mesh: DeviceMesh) -> None:
+def apply_tp(model: GrokModel, mesh: DeviceMesh, experts_whole: bool = False) -> None:
+    """Split `model` over `mesh`. ``experts_whole`` (expert parallelism on as well): experts are not split by tp
+    but left to `parallel.expert`, and the MoE block runs on this rank's tokens (`moe_on_local_tokens`)."""
     group = mesh.get_group()
     tp = mesh.size()
     col, row, rep = Shard(0), Shard(1), Replicate()
@@ -76,13 +79,19 @@ def apply_tp(model: GrokModel, mesh: DeviceMesh) -> None:
 
         moe = block.moe
         assert isinstance(moe, MoE)
-        ex = moe.experts
         distribute_param(moe.router, "weight", mesh, rep)
-        for name, place in (("w_gate", Shard(2)), ("w_up", Shard(2)), ("w_down", Shard(1))):
-            distribute_param(ex, name, mesh, place)
-        use_local_params(moe, [(moe.router, "weight")] + [(ex, n) for n in ("w_gate", "w_up", "w_down")])
-        wrap_io(moe, before=lambda x: gather_seq(x, group), after=lambda y: scatter_seq(y, group))
-        _split_router_grads(moe, group, tp)
+        if experts_whole:
+            moe.forward = types.MethodType(  # type: ignore[method-assign]
+                lambda self, x: moe_on_local_tokens(self, x, group), moe
+            )
+            use_local_params(moe, [(moe.router, "weight")])
+        else:
+            ex = moe.experts
+            for name, place in (("w_gate", Shard(2)), ("w_up", Shard(2)), ("w_down", Shard(1))):
+                distribute_param(ex, name, mesh, place)
+            use_local_params(moe, [(moe.router, "weight")] + [(ex, n) for n in ("w_gate", "w_up", "w_down")])
+            wrap_io(moe, before=lambda x: gather_seq(x, group), after=lambda y: scatter_seq(y, group))
+            _split_router_grads(moe, group, tp)
 
         if block.dense is not None:
             dense = block.dense
@@ -105,6 +114,30 @@ def _split_router_grads(moe: MoE, group: dist.ProcessGroup, tp: int) -> None:
 
     moe.route = types.MethodType(tp_route, moe)  # type: ignore[method-assign]
     moe.dispatch_compute = types.MethodType(tp_dispatch, moe)  # type: ignore[method-assign]
+
+
+def moe_on_local_tokens(moe: MoE, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """`MoE.forward` under tp × ep with whole experts: the router (and its per-sequence auxiliary loss) sees the
+    gathered sequence, identically on every tp rank, while only this rank's sequence slice is dispatched to the
+    experts, so the output stays sequence-sharded with no reduce-scatter.
+
+    Gradients, as in `_split_router_grads`: the gates' gradient is partial (each rank used its slice) and is
+    summed over tp first, which makes the router's weight gradient complete on every rank; the router's input
+    gradient, then identical on every rank, is scaled by 1/tp before the gather's backward sums it."""
+    tp, r = group.size(), group.rank()
+    b, tl, d = x.shape
+    full = gather_seq(x, group)
+    t = full.shape[1]
+    logits, gates, idx = moe.route(scale_grad(full, 1 / tp).reshape(-1, d))
+    gates = all_reduce_grad(gates, group)
+
+    def mine(z: Tensor) -> Tensor:
+        return z.view(b, t, -1)[:, r * tl : (r + 1) * tl].reshape(b * tl, -1)
+
+    y = moe.dispatch_compute(x.reshape(-1, d), mine(gates), mine(idx)).view(b, tl, d)
+    if moe.training and torch.is_grad_enabled() and (moe.lb_weight or moe.z_weight):
+        y = _AuxLossGrad.apply(y, moe._aux_loss(logits.view(b, t, -1), idx.view(b, t, -1)))
+    return y
 
 
 def local_targets(y: Tensor, mesh: DeviceMesh | None) -> Tensor:

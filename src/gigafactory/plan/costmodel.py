@@ -206,6 +206,12 @@ def pipeline_bubble_fraction(pp: int, n_micro: int, virtual: int = 1) -> float:
     return (pp - 1) / (virtual * n_micro)
 
 
+def expert_tp(lay: Layout) -> int:
+    """Tensor-parallel split of the experts: by FFN columns over tp without expert parallelism; whole experts
+    per EP rank (replicated over tp, their gradients summed over tp) when ep > 1, as the trainer runs them."""
+    return lay.tp if lay.ep == 1 else 1
+
+
 def bubble_slots(lay: Layout) -> float:
     """Idle micro-batch slots of the schedule the trainer runs: (p−1)/v for GPipe, 1F1B and interleaved 1F1B;
     a third of that for zero-bubble (Qi et al. 2024, ZB-H1: the weight-gradient third of each backward fills
@@ -465,7 +471,7 @@ def collective_bytes(
     embed_stage = _embed_params_on_stage(parts, lay.pp)
     emb_tp = lay.tp if vocab_parallel else 1
     dense_local = layers * parts.layer_dense / lay.tp + embed_stage / emb_tp
-    expert_local = layers * parts.layer_expert / (lay.tp * lay.ep)
+    expert_local = layers * parts.layer_expert / (expert_tp(lay) * lay.ep)
     out: dict[str, float] = {k: 0.0 for k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")}
     shard = lay.dp_shard * lay.cp
     if shard > 1:
@@ -490,14 +496,23 @@ def collective_bytes(
         out["all_reduce"] += n_micro * replicated * grad_bytes
         if router_grads_over_tp:
             out["all_reduce"] += n_micro * layers * lay.micro_batch * seq_len / lay.cp * spec.top_k * 4
-        per_layer_fwd = 2  # attention block and FFN block
         passes = 2 + (1 if lay.recompute == "full" else 0)  # fwd, bwd (+ recomputed fwd)
-        n = n_micro * layers * per_layer_fwd * passes
+        # attention and the FFN block each gather their input and reduce-scatter their output, per pass; with
+        # whole experts (ep > 1) the MoE gathers its input for the router only (forward passes; its backward
+        # reduce-scatters that input's gradient) and keeps its output on this rank's tokens.
+        split_blocks = 1 if lay.ep > 1 else 2
+        n = n_micro * layers * split_blocks * passes
         if sequence_parallel:
             out["all_gather"] += n * act
             out["reduce_scatter"] += n * act
         else:
             out["all_reduce"] += n * act
+        if lay.ep > 1:
+            out["all_gather"] += n_micro * layers * (passes - 1) * act
+            out["reduce_scatter"] += n_micro * layers * act
+            # whole experts on every tp rank, each fed its own tokens: their gradients (this rank's FSDP shard)
+            # are summed over tp once per step
+            out["all_reduce"] += expert_local / max(1, shard // lay.ep) * grad_bytes
     if lay.ep > 1:
         tokens = act / (lay.tp if sequence_parallel else 1)
         # dispatch and combine in forward and again in backward (+ forward again under full recompute)
@@ -640,7 +655,7 @@ def estimate(
     layers_local = layers
     embed_stage = _embed_params_on_stage(parts, lay.pp)
     dense_local = (layers_local * parts.layer_dense + embed_stage) / lay.tp
-    expert_local = layers_local * parts.layer_expert / (lay.tp * lay.ep)
+    expert_local = layers_local * parts.layer_expert / (expert_tp(lay) * lay.ep)
     local_params = dense_local + expert_local
     tp_in = min(lay.tp, per_node)
     dp_in_node = max(1, per_node // tp_in)
@@ -668,6 +683,11 @@ def estimate(
         ov = stack.dp_overlap
         exposed["dp_grads"] = max(dp_t * edge, dp_t - ov * mb_bwd) if ov else dp_t
         exposed["fsdp_gather"] = max(ag_t * edge, ag_t - ov * mb_fwd) if ov else ag_t
+    if lay.ep > 1 and lay.tp > 1:  # whole experts: their gradient shards summed over tp once per step
+        tp_bw = nv_bw if lay.tp <= per_node else nic_bw
+        etp_t = ring_time("all_reduce", expert_local / exp_shard * stack.grad_reduce_bytes, lay.tp, tp_bw, 3e-6)
+        comm["dp_grads"] += etp_t
+        exposed["dp_grads"] += etp_t  # after the last backward, before the optimizer
 
     # ---- optimizer: Adam streams fp32 master, grads, m, v (read 16 B, write 12 B) + bf16 copy (2 B)
     dist_opt = (not stack.fsdp or shard == 1) and stack.distributed_optimizer
@@ -697,7 +717,7 @@ def estimate(
     for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
     if fsdp_shard > 1:
-        per_layer = (parts.layer_dense + parts.layer_expert / lay.ep) / lay.tp
+        per_layer = parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))
         mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
     act_layer = layer_activation_bytes(spec, lay, stack, seq_len)
     in_flight = in_flight_microbatches(lay, n_micro)
@@ -730,7 +750,7 @@ def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard
     inner = min(t, cluster.gpus_per_node)
     in_node = min(shard, dp_in_node)
     exp_in = min(exp_shard, in_node)
-    dense_l, expert_l = parts.layer_dense / t, parts.layer_expert / (t * lay.ep)
+    dense_l, expert_l = parts.layer_dense / t, parts.layer_expert / (expert_tp(lay) * lay.ep)
     gb = stack.grad_reduce_bytes
     gather = 0.0
     grads = 0.0

@@ -135,7 +135,7 @@ MULTI_STAGE_SCHEDULES = ("interleaved", "zero_bubble")
 # answer the planner's search and the trainer's error messages share.
 TRAINER_RUNS_CP = False
 TRAINER_RUNS_PP_WITH_OTHERS = False
-TRAINER_RUNS_EP_WITH_TP = False
+TRAINER_RUNS_EP_WITH_TP = True
 TRAINER_SCHEDULES = ("gpipe", "1f1b")
 
 
