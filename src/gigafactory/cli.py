@@ -31,6 +31,7 @@ def _register() -> None:
         "gigafactory.plan.commands",
         "gigafactory.train.launch",
         "gigafactory.serve.commands",
+        "gigafactory.interop.commands",
     ):
         importlib.import_module(module).register(app)
 

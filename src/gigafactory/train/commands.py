@@ -16,6 +16,8 @@ def train(
     steps: int = typer.Option(300, help="optimizer steps; the learning-rate schedule spans them"),
     run_dir: Path = typer.Option(Path("runs/default"), help="where the spec, tokenizer, metrics, checkpoints go"),
     data: Path | None = typer.Option(None, help="UTF-8 text file or folder (default: built-in Shakespeare)"),
+    tokenizer: str | None = typer.Option(None, help="bpe, grok-1 (the release's SentencePiece) or auto (default: "
+                                         "grok-1 for the grok-1 preset, else bpe)"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="continue from the newest good checkpoint in --run-dir"),
     auto_resume: bool = typer.Option(False, help="resume if --run-dir has a checkpoint, else start (for requeues)"),
@@ -44,7 +46,8 @@ def train(
     from gigafactory.train.loop import train as run
 
     options = dict(
-        model=model, steps=steps, run_dir=run_dir, data=data, seed=seed, resume=resume, batch_size=batch_size,
+        model=model, steps=steps, run_dir=run_dir, data=data, tokenizer=tokenizer, seed=seed, resume=resume,
+        batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
         checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype, layout=layout,
         async_checkpoint=async_checkpoint, auto_resume=auto_resume, fleet_gpus=fleet_gpus, max_bad_steps=max_bad_steps,

@@ -16,6 +16,10 @@ class TrainConfig(BaseModel):
     model: str = Field("small", description="preset name or a .toml/.json spec file")
     run_dir: Path = Path("runs/default")
     data: Path | None = Field(None, description="UTF-8 text file or folder; default: the built-in corpus")
+    tokenizer: Literal["auto", "bpe", "grok-1"] = Field(
+        "auto", description="bpe (trained on the corpus), grok-1 (the release's SentencePiece); auto: grok-1 for "
+        "the grok-1 preset, else bpe"
+    )
     steps: int = Field(300, gt=0, description="length of the run; the learning-rate schedule spans it")
     stop_after: int | None = Field(None, gt=0, description="stop (with a checkpoint) at this step, as a time-boxed job")
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global, all ranks together)")

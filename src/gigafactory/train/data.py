@@ -56,25 +56,29 @@ class TokenData:
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
 
 
-def prepare(run_dir: Path, data: Path | None, vocab_size: int) -> TokenData:
-    """Train the tokenizer and tokenize the corpus once; later runs in the same directory reuse both."""
+def prepare(run_dir: Path, data: Path | None, vocab_size: int, tokenizer: str = "bpe") -> TokenData:
+    """Train the tokenizer (or install the Grok-1 one) and tokenize the corpus once; later runs in the same
+    directory reuse both."""
     run_dir = Path(run_dir)
     docs, digest = read_corpus(data)
     meta_path = run_dir / "data" / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta["corpus_sha256"] != digest or meta["vocab_size"] != vocab_size:
+        if (meta["corpus_sha256"], meta["vocab_size"], meta.get("tokenizer", "bpe")) != (digest, vocab_size, tokenizer):
             raise UserError(
-                f"{run_dir} was prepared from another corpus or vocabulary; use a new --run-dir for this data"
+                f"{run_dir} was prepared from another corpus, tokenizer or vocabulary; use a new --run-dir for it"
             )
         tok = toklib.load_tokenizer(run_dir)
     else:
         # Train / validation split by characters at the end of each document, before tokenizing.
         train_docs = [d[: int(len(d) * (1 - VAL_FRACTION))] for d in docs]
         val_docs = [d[int(len(d) * (1 - VAL_FRACTION)) :] for d in docs]
-        tok = toklib.train_tokenizer(train_docs, vocab_size)
+        if tokenizer == toklib.GROK1:
+            tok = toklib.install_grok1(run_dir)
+        else:
+            tok = toklib.train_tokenizer(train_docs, vocab_size)
         dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
-        eos = tok.token_to_id(toklib.EOS)
+        eos = toklib.eos_id(tok)
         (run_dir / "data").mkdir(parents=True, exist_ok=True)
         for split, parts in (("train", train_docs), ("val", val_docs)):
             ids: list[int] = []
@@ -82,9 +86,11 @@ def prepare(run_dir: Path, data: Path | None, vocab_size: int) -> TokenData:
                 ids.extend(enc.ids)
                 ids.append(eos)
             atomic_write_bytes(run_dir / "data" / f"{split}.bin", np.asarray(ids, dtype=dtype).tobytes())
-        atomic_write_text(run_dir / toklib.FILENAME, tok.to_str())
+        if tokenizer != toklib.GROK1:
+            atomic_write_text(run_dir / toklib.FILENAME, tok.to_str())
         save_personas(run_dir, docs)
         meta = {"corpus_sha256": digest, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name}
+        meta["tokenizer"] = tokenizer
         atomic_write_text(meta_path, json.dumps(meta))
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(run_dir / "data" / "train.bin", dtype=dtype, mode="r")

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gigafactory import checkpoint as ckpt
+from gigafactory import tokenizer as toklib
 from gigafactory.errors import UserError
 from gigafactory.model import GrokModel
 from gigafactory.model.grok import MoE
@@ -118,7 +119,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, spec: ModelSpec | None = None, quiet: bool = False) -> None:
         self.cfg = cfg
-        self.spec = spec or load_spec(cfg.model)
+        self.tokenizer = toklib.resolve_choice(cfg.tokenizer, cfg.model)
+        self.spec = toklib.spec_for(spec or load_spec(cfg.model), self.tokenizer, quiet)
         self.quiet = quiet
         self.run_dir = Path(cfg.run_dir)
         self.seq_len = cfg.seq_len or self.spec.max_seq_len
@@ -135,7 +137,7 @@ class Trainer:
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.dist.main_first():
-            self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size)
+            self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size, self.tokenizer)
             self._save_run_files()
 
         torch.manual_seed(cfg.seed)
