@@ -319,3 +319,22 @@ def test_cli_reverse_question_json() -> None:
                       (("plan", "--checkpoint-s", "-1"), "--checkpoint-s")]:
         r = _cli(*args)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_report_curve_points_and_explanation() -> None:
+    from gigafactory.plan.report import LOSS_NAMES, explain_curve, sweep_counts, sweep_point
+
+    counts = sweep_counts(extra=20_000)
+    assert counts[0] == 1_000 and counts[-1] in (99_840, 100_096) and 20_000 in counts
+    assert all(n % 256 == 0 for n in counts if n >= 1024 and n != 20_000)
+    ratios = [b / a for a, b in zip(counts, counts[1:], strict=False)]
+    assert max(ratios) < 1.5  # log-spaced, no gaps
+    g2 = PRESETS["grok-2"]
+    cl = Cluster.of(get_gpu("h100-sxm"), 100_000, "spectrum-x")
+    slow = sweep_point(100_000, estimate(g2, Layout(dp_shard=12_500, tp=8), cl, 12_500, 8192, with_bytes=False), 9.0)
+    assert sum(slow["fractions"].values()) == pytest.approx(1.0)
+    fast = dict(slow, n_gpus=1_000, fractions={"compute": 0.95, "exposed_tp": 0.05})
+    lines = explain_curve([fast, slow])
+    assert lines[0].startswith("1,000 GPUs: compute-bound")
+    worst = max((k for k in slow["fractions"] if k != "compute"), key=slow["fractions"].get)
+    assert "100,000 GPUs: limited by" in lines[1] and LOSS_NAMES[worst] in lines[1]

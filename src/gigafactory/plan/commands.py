@@ -29,13 +29,13 @@ from gigafactory.plan.sizing import (
 from gigafactory.specs import hardware
 from gigafactory.specs.layout import Layout
 from gigafactory.specs.model_spec import load_spec
+from gigafactory.util import atomic_write_text
 
 # Seed scenario defaults. Token budget 15T: Llama 3's pre-training budget (arXiv:2407.21783); Grok-2's is not
 # public. Global batch 64M tokens: DeepSeek-V3's final batch, 15,360 × 4,096 tokens (arXiv:2412.19437 §4.2), the
 # scale a 100k-GPU run needs to give every data-parallel rank work. Sequence length 8,192 for pre-training.
 DEFAULT_TOKENS = "15T"
 DEFAULT_BATCH = "64M"
-SWEEP = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -221,8 +221,10 @@ def _size_fleet(run: _Runner, gpus: int | None, power: str | None, budget: str |
     return sizing(question, float(limit or 0.0), cap, n, run.gpu, site), res
 
 
-def _sweep(run: _Runner, counts: tuple[int, ...]) -> list[dict[str, Any]]:
+def _sweep(run: _Runner, counts: list[int]) -> list[dict[str, Any]]:
     from rich.progress import Progress
+
+    from gigafactory.plan.report import sweep_point
 
     site = hardware.get_site()
     points = []
@@ -233,22 +235,21 @@ def _sweep(run: _Runner, counts: tuple[int, ...]) -> list[dict[str, Any]]:
             if res.ranked:
                 c = res.best
                 camp = campaign(c, run.gpu, n, 15e12, site)
-                points.append({"n_gpus": n, "mfu": c.mfu, "days": camp.days, "layout": c.layout.short()})
+                points.append(sweep_point(n, c, camp.days))
             bar.advance(task)
     return points
 
 
 def _write_report(path: Path, spec: Any, g: hardware.GPUSpec, run: _Runner, best: StepCost, camp: Any,
                   why: list[str], out: dict[str, Any]) -> None:
-    from gigafactory.plan.report import render
+    from gigafactory.plan.report import render, sweep_counts
 
-    counts = tuple(sorted(set(SWEEP) | {run.n}))
-    sweep = _sweep(run, counts)
+    sweep = _sweep(run, sweep_counts(extra=run.n))
     for p in sweep:  # report days for the user's token budget
         p["days"] *= camp.tokens / 15e12
     rows = [(k, v) for k, v in _summary(out, best, camp)]
     title = f"gigafactory plan: {spec.name} on {run.n:,} × {g.name}"
-    path.write_text(render(title, best, camp, sweep, why, rows), encoding="utf-8")
+    atomic_write_text(path, render(title, best, camp, sweep, why, rows))
 
 
 def _summary(out: dict[str, Any], best: StepCost, camp: Any) -> list[tuple[str, str]]:

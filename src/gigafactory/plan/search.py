@@ -53,9 +53,16 @@ def _divisors(n: int) -> list[int]:
 
 
 def _shard_options(dp: int, per_node_dp: int) -> list[int]:
-    """FSDP shard-group sizes: every divisor of dp (HSDP groups of any size that divides, not only powers of
-    two), 1 (DDP / ZeRO-1) and dp (plain FSDP) included."""
-    return _divisors(dp)
+    """FSDP shard-group sizes: 1 (DDP / ZeRO-1), dp (plain FSDP) and HSDP groups of any size that divides dp,
+    not only powers of two. To keep the search fast, within each power-of-two band [2^k, 2^(k+1)) we keep the
+    smallest and largest divisor (e.g. dp = 12,500: 1, 2, 4, 5, 10, 20, 25, 50, 100, 125, 250, 500, ...)."""
+    bands: dict[int, list[int]] = {}
+    for d in _divisors(dp):
+        bands.setdefault(d.bit_length(), []).append(d)
+    opts = {1, dp, max(1, min(per_node_dp, dp))}
+    for ds in bands.values():
+        opts.update((ds[0], ds[-1]))
+    return sorted(d for d in opts if dp % d == 0)
 
 
 def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: Stack = MODERN,
@@ -124,6 +131,7 @@ def search(
     leanest: StepCost | None = None
     evaluated = enumerated = 0
     smallest = 0
+    fits_without_recompute: set[tuple[object, ...]] = set()
     for lay in enumerate_layouts(spec, cluster, seq_len, stack):
         unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule in MULTI_STAGE_SCHEDULES else 1)
         gbs = math.ceil(target / unit) * unit
@@ -131,6 +139,10 @@ def search(
         smallest = min(smallest, gbs) if smallest else gbs
         if gbs > max_batch_factor * target:
             continue
+        key = (lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.ep, lay.cp, lay.micro_batch, lay.pp_schedule,
+               lay.pp_virtual)
+        if lay.recompute != "none" and key in fits_without_recompute:
+            continue  # dominated: the same layout without recomputation fits and does less work
         evaluated += 1
         if progress and evaluated % 256 == 0:
             progress(256)
@@ -139,6 +151,8 @@ def search(
             leanest = cost
         if cost.fits:
             ranked.append(cost)
+            if lay.recompute == "none":
+                fits_without_recompute.add(key)
     ranked.sort(key=lambda c: c.step_time_s / (c.global_batch_seqs * c.seq_len))
     if rank_by == "cost":  # with one GPU type and count, $/token follows time/token; ties go to smaller batch
         ranked.sort(key=lambda c: (round(c.step_time_s / (c.global_batch_seqs * c.seq_len), 15),
