@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from gigafactory.model import GrokModel, KVCache
-from gigafactory.model.grok import MoE, apply_rope, causal_mask, rope_tables
+from gigafactory.model.grok import MoE, apply_rope, causal_mask, key_positions, rope_tables
 from gigafactory.model.sampling import sample
 from gigafactory.specs import PRESETS, ModelSpec
 
@@ -53,30 +53,35 @@ def test_rope_is_half_split_rotation_preserving_norms_and_relative():
 
 
 def test_attention_logits_are_soft_capped():
+    """The model's attention equals capped attention computed by hand, and is far from the uncapped one."""
     spec = ModelSpec(**{**TINY.model_dump(), "attn_softcap": 0.5})
     torch.manual_seed(0)
     model = GrokModel(spec).eval()
     attn = model.layers["0"].attn
-    seen = {}
-
-    def spy(mod, args, out):
-        seen["out"] = out
-
-    # Scale the queries up: with a cap of 0.5 the attention stays near uniform anyway.
     with torch.no_grad():
-        attn.q_proj.weight.mul_(1000)
+        attn.q_proj.weight.mul_(100)  # large logits: the cap decides the attention pattern
     x = torch.randn(1, 6, spec.d_model)
-    pos = torch.arange(6)[None]
-    cos, sin = rope_tables(pos, spec.head_dim, spec.rope_theta)
-    mask = causal_mask(torch.ones(1, 6, dtype=torch.long))
-    handle = attn.register_forward_hook(spy)
+    tokens = torch.ones(1, 6, dtype=torch.long)
+    keys = key_positions(tokens)
+    cos, sin = rope_tables(keys.q_pos, spec.head_dim, spec.rope_theta)
     with torch.no_grad():
-        attn(x, cos, sin, mask, None)
-    handle.remove()
-    q = attn.q_proj(x).view(1, 6, -1, spec.head_dim).transpose(1, 2)
-    # With |logits| <= 0.5, the largest attention weight on the last row is at most e^1 / (e^1 + 5·1)
-    assert q.abs().max() > 100
-    assert seen["out"].isfinite().all()
+        got = attn(x, cos, sin, keys, None)
+        q = apply_rope(attn.q_proj(x).view(1, 6, -1, spec.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(1, 6, -1, spec.head_dim).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(1, 6, -1, spec.head_dim).transpose(1, 2)
+        group = spec.n_heads // spec.n_kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(spec.head_dim)
+        causal = causal_mask(tokens)
+
+        def by_hand(scores):
+            out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+            return attn.o_proj(out.transpose(1, 2).reshape(1, 6, -1))
+
+        capped, uncapped = by_hand(0.5 * torch.tanh(logits / 0.5)), by_hand(logits)
+    assert logits.abs().max() > 10
+    torch.testing.assert_close(got, capped, atol=1e-5, rtol=1e-4)
+    assert (got - uncapped).abs().max() > 0.1
 
 
 def test_moe_matches_a_per_token_reference():

@@ -3,8 +3,9 @@
 Single-device math only: how it is sharded lives in `gigafactory.parallel`, how it is trained in
 `gigafactory.train`. The details follow the public grok-1 release (see ../shared/DESIGN.md):
 - every residual branch is ``h + RMSNorm(branch(RMSNorm(h)))``: four norms per layer, each with its own scale;
-- attention logits are scaled by 1/√head_dim, then soft-capped ``c·tanh(x/c)``; RoPE is the half-split
-  ("rotate_half") form over the whole head; token id 0 is padding and is never attended to;
+- attention logits are scaled by 1/√head_dim, then soft-capped ``c·tanh(x/c)`` (`attention.attend`, fused or
+  block-wise, never the full score matrix of a long sequence); RoPE is the half-split ("rotate_half") form over
+  the whole head; token id 0 is padding and is never attended to;
 - the router's softmax runs in fp32 over all experts and the top-k gates are *not* renormalised;
 - experts are gated GELU (tanh approximation): ``W_down(W_v·x ⊙ gelu(W_gate·x))``; Grok-2 adds a dense FFN
   beside the MoE and scales the sum by 1/√2;
@@ -19,12 +20,13 @@ sequence-wise balance loss), so splitting a batch across data-parallel ranks doe
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gigafactory.model.attention import allowed, attend
 from gigafactory.specs import ModelSpec
 
 PAD_ID = 0
@@ -60,11 +62,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class KeyPositions(NamedTuple):
+    """What `attend` needs besides q, k, v: the queries' positions [B, T], and the keys' positions [B, S] and
+    padding flags [B, S] (False = padding, never attended to)."""
+
+    q_pos: Tensor
+    k_pos: Tensor
+    k_ok: Tensor
+
+
 class KVCacheLike(Protocol):
     """What attention needs from a KV cache; `KVCache` below is contiguous, the server's is paged."""
 
-    def begin(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Register the new tokens and return the attention mask [B, 1, T, S] (True = may attend)."""
+    def begin(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Register the new tokens; return the positions [B, S] and padding flags [B, S] of all keys."""
         ...
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,13 +83,18 @@ class KVCacheLike(Protocol):
         ...
 
 
+def key_positions(tokens: Tensor, positions: Tensor | None = None) -> KeyPositions:
+    """Self-attention over `tokens` [B, T] at `positions` (default 0..T-1): keys are the tokens themselves."""
+    if positions is None:
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+    return KeyPositions(positions, positions, tokens != PAD_ID)
+
+
 def causal_mask(tokens: Tensor) -> Tensor:
-    """[B, 1, T, T]: causal, padding keys masked, the diagonal always open so no row is empty."""
-    t = tokens.shape[1]
-    idx = torch.arange(t, device=tokens.device)
-    causal = idx[None, :] <= idx[:, None]
-    keep = causal[None, None] & (tokens != PAD_ID)[:, None, None, :]
-    return keep | torch.eye(t, dtype=torch.bool, device=tokens.device)
+    """[B, 1, T, T] (True = may attend): the rule `attend` applies, materialised (for tests and inspection)."""
+    kp = key_positions(tokens)
+    return allowed(kp.q_pos, kp.k_pos, kp.k_ok)[:, None]
 
 
 class Attention(nn.Module):
@@ -92,7 +108,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.d_model, spec.n_kv_heads * spec.head_dim, bias=False)
         self.o_proj = nn.Linear(spec.n_heads * spec.head_dim, spec.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCacheLike | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, keys: KeyPositions, cache: KVCacheLike | None) -> Tensor:
         b, t, _ = x.shape
         # Head counts come from the weights so a tensor-parallel shard (fewer local heads) runs the same code.
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -101,15 +117,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        hkv = k.shape[1]
-        group = q.shape[1] // hkv
-        # Grouped-query attention without copying K/V: queries [B, Hkv, G, T, D] against keys [B, Hkv, 1, S, D].
-        q = q.view(b, hkv, group, t, self.head_dim)
-        scores = (q @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-        scores = softcap(scores, self.softcap)
-        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        out = (probs @ v.unsqueeze(2)).reshape(b, -1, t, self.head_dim)
+        out = attend(q, k, v, q_pos=keys.q_pos, k_pos=keys.k_pos, k_ok=keys.k_ok, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -221,8 +229,8 @@ class Block(nn.Module):
         self.moe = MoE(spec)
         self.dense = DenseFFN(spec.d_model, spec.dense_ffn) if spec.dense_ffn else None
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCacheLike | None) -> Tensor:
-        h = h + self.post_attn_norm(self.attn(self.pre_attn_norm(h), cos, sin, mask, cache))
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, keys: KeyPositions, cache: KVCacheLike | None) -> Tensor:
+        h = h + self.post_attn_norm(self.attn(self.pre_attn_norm(h), cos, sin, keys, cache))
         x = self.pre_moe_norm(h)
         ffn = self.moe(x)
         if self.dense is not None:
@@ -271,11 +279,12 @@ class GrokModel(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        mask = causal_mask(tokens) if cache is None else cache.begin(tokens, positions)
+        keys = key_positions(tokens, positions) if cache is None else KeyPositions(positions,
+                                                                                    *cache.begin(tokens, positions))
         cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
         h = self.embed(tokens) * self.spec.embedding_multiplier
         for block in self.layers.values():
-            h = block(h, cos, sin, mask, cache)
+            h = block(h, cos, sin, keys, cache)
         return self.output(h)
 
     def output(self, h: Tensor) -> Tensor:
@@ -299,7 +308,7 @@ class KVCache:
         self.max_len = max_len
         self._start = 0
 
-    def begin(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def begin(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         t = tokens.shape[1]
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache full: {self.length} + {t} tokens exceed its {self.max_len} slots")
@@ -307,10 +316,7 @@ class KVCache:
         self.key_pos[:, self.length : self.length + t] = positions
         self.key_ok[:, self.length : self.length + t] = tokens != PAD_ID
         self.length += t
-        s = self.length
-        mask = (self.key_pos[:, None, :s] <= positions[:, :, None]) & self.key_ok[:, None, :s]
-        mask |= self.key_pos[:, None, :s] == positions[:, :, None]  # a token always sees itself
-        return mask[:, None]
+        return self.key_pos[:, : self.length], self.key_ok[:, : self.length]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self._start + k.shape[2]

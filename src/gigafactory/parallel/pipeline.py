@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from gigafactory.model.grok import GrokModel, causal_mask, rope_tables
+from gigafactory.model.grok import GrokModel, key_positions, rope_tables
 from gigafactory.specs.layout import Layout
 
 
@@ -47,17 +47,14 @@ def make_stage(model: GrokModel, stage: int, pp: int) -> GrokModel:
 
     def forward(self: GrokModel, x: Tensor) -> Tensor:
         if first:
-            b, t = x.shape
-            mask = causal_mask(x)
+            keys = key_positions(x)
             h = self.embed(x) * self.spec.embedding_multiplier
         else:
-            b, t = x.shape[:2]
-            mask = causal_mask(torch.ones(b, t, dtype=torch.long, device=x.device))
+            keys = key_positions(torch.ones(x.shape[:2], dtype=torch.long, device=x.device))
             h = x
-        positions = torch.arange(t, device=x.device).expand(b, t)
-        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        cos, sin = rope_tables(keys.q_pos, self.spec.head_dim, self.spec.rope_theta)
         for block in self.layers.values():
-            h = block(h, cos, sin, mask, None)
+            h = block(h, cos, sin, keys, None)
         return self.output(h) if last else h
 
     model.forward = types.MethodType(forward, model)  # type: ignore[method-assign]

@@ -10,7 +10,7 @@ Unreferenced cached blocks stay in an LRU list and are evicted only when the poo
 
 `PagedBatch` adapts the pool to the model's `KVCacheLike` protocol for one forward pass over several sequences,
 so `GrokModel.forward` runs unchanged: it writes the new keys/values into their slots and hands attention each
-sequence's whole context gathered from its blocks, with a mask that has the same meaning as `KVCache`'s.
+sequence's whole context gathered from its blocks, with the keys' positions and padding flags, as `KVCache` does.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class PagedBatch:
         self.lengths = torch.tensor(lengths, device=dev)
         self._slots: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
-    def begin(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def begin(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         b, t = tokens.shape
         bs = self.pool.block_size
         real = torch.arange(t, device=tokens.device)[None, :] < self.lengths[:, None]  # [B, T]
@@ -183,11 +183,9 @@ class PagedBatch:
         s = self.tables.shape[1] * bs
         key_pos = torch.arange(s, device=tokens.device)
         key_ok = self.pool.slot_ok[self.tables].reshape(b, s)
-        mask = (key_pos[None, None, :] <= positions[:, :, None]) & key_ok[:, None, :]
-        mask |= key_pos[None, None, :] == positions[:, :, None]  # a token always sees itself
-        # Padding rows see one slot only, so their (discarded) softmax stays finite.
-        mask = torch.where(real[:, :, None], mask, (key_pos == 0)[None, None, :])
-        return mask[:, None]
+        # The model applies `attend`'s rule (causal by position, padding masked, a token sees itself); a padding
+        # row's output is discarded (and finite: a row with no allowed key gives zeros).
+        return key_pos.expand(b, s), key_ok
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         assert self._slots is not None, "begin() must come first"
