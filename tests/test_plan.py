@@ -338,3 +338,21 @@ def test_report_curve_points_and_explanation() -> None:
     assert lines[0].startswith("1,000 GPUs: compute-bound")
     worst = max((k for k in slow["fractions"] if k != "compute"), key=slow["fractions"].get)
     assert "100,000 GPUs: limited by" in lines[1] and LOSS_NAMES[worst] in lines[1]
+
+
+def test_selective_recompute_with_flash_attention_drops_ffn_activations() -> None:
+    from gigafactory.plan.costmodel import layer_activation_bytes
+
+    g2 = PRESETS["grok-2"]
+    lay = Layout(dp_shard=8, ep=8)
+    none = layer_activation_bytes(g2, lay, MODERN, 8192)
+    sel = layer_activation_bytes(g2, lay.model_copy(update={"recompute": "selective"}), MODERN, 8192)
+    # Megatron-Core's moe_act + layernorm recompute: the activation and product (4f per routed copy and per
+    # dense FFN) and the norm output feeding QKV (2h) are rebuilt in backward instead of kept
+    dropped = 8192 * (4 * (g2.top_k * g2.expert_ffn + g2.dense_ffn) + 2 * g2.d_model)
+    assert none - sel == pytest.approx(dropped)
+    cl = Cluster.of(get_gpu("h100-sxm"), 64)
+    t_none = estimate(g2, lay, cl, 64, 8192, with_bytes=False)
+    t_sel = estimate(g2, lay.model_copy(update={"recompute": "selective"}), cl, 64, 8192, with_bytes=False)
+    t_full = estimate(g2, lay.model_copy(update={"recompute": "full"}), cl, 64, 8192, with_bytes=False)
+    assert t_none.step_time_s < t_sel.step_time_s < 1.02 * t_none.step_time_s < t_full.step_time_s

@@ -388,8 +388,12 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     bwd = 2 * gemm + attn_bwd + 2 * elem + 2 * gaps
     if lay.recompute == "full":
         rec = fwd
+    elif lay.recompute == "selective" and stack.flash_attention:
+        # Megatron-Core --recompute-modules moe_act layernorm: the FFN activation functions and the norms
+        # are redone in backward (elementwise traffic only)
+        rec = T * (6 * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t + norms * 4 * h / sp) / bw
     elif lay.recompute == "selective":
-        rec = 0.0 if stack.flash_attention else attn_fwd + scores_bytes / bw
+        rec = attn_fwd + scores_bytes / bw
     else:
         rec = 0.0
     return _LayerTime(fwd, bwd, rec, attn_flops)
@@ -414,10 +418,15 @@ def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int)
         per_tok += 4 * spec.n_heads / t  # softmax log-sum-exp (fp32)
     elif lay.recompute != "selective":
         per_tok += 5 * spec.n_heads * seq / t  # scores, softmax, dropout mask + output (Korthikanti 5as/h)
-    # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy)
-    per_tok += spec.top_k * (2 * h / sp + 8 * spec.expert_ffn / t)
+    # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy); with flash
+    # attention "selective" recomputes the activation functions and norms instead (Megatron-Core recompute
+    # modules moe_act + layernorm): the activation and product (4f) and the norm outputs (the QKV input) go
+    ffn_per = 4 if (lay.recompute == "selective" and stack.flash_attention) else 8
+    if ffn_per == 4:
+        per_tok -= 2 * h / sp
+    per_tok += spec.top_k * (2 * h / sp + ffn_per * spec.expert_ffn / t)
     if spec.dense_ffn:
-        per_tok += 8 * spec.dense_ffn / t
+        per_tok += ffn_per * spec.dense_ffn / t
     if spec.n_experts > 1:
         per_tok += 4 * spec.n_experts / sp  # router probabilities (fp32)
     return T * per_tok
@@ -655,7 +664,10 @@ def estimate(
     layers_local = layers
     embed_stage = _embed_params_on_stage(parts, lay.pp)
     dense_local = (layers_local * parts.layer_dense + embed_stage) / lay.tp
-    expert_local = layers_local * parts.layer_expert / (expert_tp(lay) * lay.ep)
+    # Megatron-style stacks fold expert parallelism over tp × dp with whole experts (ETP = 1); `validate` models
+    # that as ep/tp groups of tp-split experts: the same expert weights, FLOPs and tokens per GPU.
+    etp = expert_tp(lay) if stack.fsdp else lay.tp
+    expert_local = layers_local * parts.layer_expert / (etp * lay.ep)
     local_params = dense_local + expert_local
     tp_in = min(lay.tp, per_node)
     dp_in_node = max(1, per_node // tp_in)
@@ -683,7 +695,7 @@ def estimate(
         ov = stack.dp_overlap
         exposed["dp_grads"] = max(dp_t * edge, dp_t - ov * mb_bwd) if ov else dp_t
         exposed["fsdp_gather"] = max(ag_t * edge, ag_t - ov * mb_fwd) if ov else ag_t
-    if lay.ep > 1 and lay.tp > 1:  # whole experts: their gradient shards summed over tp once per step
+    if lay.ep > 1 and lay.tp > 1 and etp == 1:  # whole experts: gradient shards summed over tp once per step
         tp_bw = nv_bw if lay.tp <= per_node else nic_bw
         etp_t = ring_time("all_reduce", expert_local / exp_shard * stack.grad_reduce_bytes, lay.tp, tp_bw, 3e-6)
         comm["dp_grads"] += etp_t

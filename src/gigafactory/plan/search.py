@@ -71,7 +71,7 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: St
     n = cluster.n_gpus
     per_node = cluster.gpus_per_node
     heads_gcd = math.gcd(spec.n_heads, spec.n_kv_heads)
-    recs = [r for r in recomputes if not (r == "selective" and stack.flash_attention)]  # same as none then
+    recs = list(recomputes)
     for tp in _divisors(heads_gcd):
         if tp > per_node or n % tp:
             continue
