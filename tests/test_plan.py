@@ -356,3 +356,22 @@ def test_selective_recompute_with_flash_attention_drops_ffn_activations() -> Non
     t_sel = estimate(g2, lay.model_copy(update={"recompute": "selective"}), cl, 64, 8192, with_bytes=False)
     t_full = estimate(g2, lay.model_copy(update={"recompute": "full"}), cl, 64, 8192, with_bytes=False)
     assert t_none.step_time_s < t_sel.step_time_s < 1.02 * t_none.step_time_s < t_full.step_time_s
+
+
+def test_fp8_gemms_by_hand() -> None:
+    from gigafactory.plan.costmodel import _gemm_time
+
+    h100 = get_gpu("h100-sxm")
+    m = n = k = 8192
+    shape = gemm_shape_efficiency(m, n, k, h100.sms)
+    bf16 = 2 * m * n * k / (h100.matmul_eff * h100.sustained_eff * h100.bf16_dense_flops * shape)
+    fp8 = 2 * m * n * k / (h100.fp8_matmul_eff * h100.sustained_eff * h100.fp8_dense_flops * shape)
+    cast = 3 * m * k / (h100.hbm_eff * h100.hbm_bw)  # bf16 activation read, fp8 written
+    assert _gemm_time(m, n, k, h100) == pytest.approx(bf16)
+    assert _gemm_time(m, n, k, h100, fp8=True) == pytest.approx(fp8 + cast)
+    a100 = get_gpu("a100-80g")  # no FP8 tensor cores: the bf16 path
+    assert _gemm_time(m, n, k, a100, fp8=True) == pytest.approx(_gemm_time(m, n, k, a100))
+    g2, cl = PRESETS["grok-2"], Cluster.of(h100, 64)
+    lay = Layout(dp_shard=8, ep=8, recompute="full")
+    slow, fast = (estimate(g2, lay, cl, 64, 8192, with_bytes=False, fp8=f) for f in (False, True))
+    assert 1.2 < slow.compute_s / fast.compute_s < 2.0  # attention and elementwise stay bf16

@@ -69,14 +69,14 @@ def _no_fit_message(spec_name: str, res: SearchResult, run: Any) -> str:
 
 class _Runner:
     def __init__(self, spec: Any, gpu: hardware.GPUSpec, n: int, fabric: str, batch: float, seq: int,
-                 stack: Any, rank: str) -> None:
+                 stack: Any, rank: str, fp8: bool = False) -> None:
         self.spec, self.gpu, self.n, self.fabric = spec, gpu, n, fabric
-        self.batch, self.seq, self.stack, self.rank = batch, seq, stack, rank
+        self.batch, self.seq, self.stack, self.rank, self.fp8 = batch, seq, stack, rank, fp8
 
     def __call__(self, factor: int = 1, n: int | None = None) -> SearchResult:
         count = n if n is not None else self.n * factor
         return search(self.spec, Cluster.of(self.gpu, count, self.fabric), self.batch, self.seq, self.stack,
-                      rank_by=self.rank)  # type: ignore[arg-type]
+                      rank_by=self.rank, fp8=self.fp8)  # type: ignore[arg-type]
 
 
 def plan(
@@ -100,6 +100,8 @@ def plan(
     rank: str = typer.Option("time", help="rank layouts by time or cost"),
     top: int = typer.Option(5, min=1, help="layouts to show"),
     stack: str = typer.Option("modern", help=f"software stack assumptions: {', '.join(STACKS)}"),
+    precision: str = typer.Option("bf16", help="bf16, or fp8 (Transformer Engine FP8 GEMMs, the rest bf16; MFU "
+                                  "stays relative to the BF16 peak)"),
     checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, min=0, help="blocking seconds per checkpoint"),
     restart_s: float = typer.Option(DEFAULT_RESTART_S, min=0, help="seconds to detect a failure and restart"),
     catalog: Path | None = typer.Option(None, help="TOML/JSON file overriding hardware/site values"),
@@ -114,6 +116,8 @@ def plan(
         raise UserError(f"--rank {rank!r}: use time or cost")
     if stack not in STACKS:
         raise UserError(f"unknown --stack {stack!r}; use {', '.join(STACKS)}")
+    if precision not in ("bf16", "fp8"):
+        raise UserError(f"--precision {precision!r}: use bf16 or fp8")
     spec = load_spec(model)
     g = hardware.get_gpu(gpu)
     hardware.get_fabric(fabric)
@@ -123,7 +127,10 @@ def plan(
         raise UserError(f"--seq-len {seq_len} exceeds {spec.name}'s context {spec.max_seq_len}")
     st = STACKS[stack]
     site = hardware.get_site()
-    run = _Runner(spec, g, gpus or 100_000, fabric, batch, seq_len, st, rank)
+    fp8 = precision == "fp8"
+    if fp8 and not g.fp8_dense_flops:
+        raise UserError(f"--precision fp8: {g.name} has no FP8 tensor cores; use bf16 or an H100/H200/B200")
+    run = _Runner(spec, g, gpus or 100_000, fabric, batch, seq_len, st, rank, fp8)
     sized = _size_fleet(run, gpus, power, budget, lease_budget, deadline, n_tokens, site, checkpoint_s, restart_s,
                         layout)
     gpus = run.n
@@ -134,7 +141,7 @@ def plan(
         lay = Layout.parse(layout).validate(spec, gpus, cluster.gpus_per_node)
         seqs = max(1, round(batch / seq_len))
         unit = lay.dp * lay.micro_batch
-        best = estimate(spec, lay, cluster, -(-seqs // unit) * unit, seq_len, st)
+        best = estimate(spec, lay, cluster, -(-seqs // unit) * unit, seq_len, st, fp8=fp8)
         if not best.fits:
             raise UserError(f"layout {lay.short()} needs {best.memory_total / 1e9:.0f} GB per GPU but "
                             f"{g.name} has {best.memory_capacity / 1e9:.0f} GB usable; raise dp_shard/tp/pp or "
@@ -151,7 +158,8 @@ def plan(
 
     out: dict[str, Any] = {
         "model": spec.name, "params_total": spec.params_total, "params_active": spec.params_active,
-        "gpu": g.name, "n_gpus": gpus, "fabric": fabric, "stack": st.name, "tokens": n_tokens,
+        "gpu": g.name, "n_gpus": gpus, "fabric": fabric, "stack": st.name, "precision": precision,
+        "tokens": n_tokens,
         "target_global_batch_tokens": batch,
         "best": best.to_dict(), "campaign": camp.to_dict(),
         "top": [c.to_dict() for c in shown], "why": why,

@@ -116,8 +116,10 @@ def search(
     max_batch_factor: float = 2.0,
     top: int = 5,
     progress: Callable[[int], None] | None = None,
+    fp8: bool = False,
 ) -> SearchResult:
-    """Evaluate every layout; keep those that fit; rank by step time per token (or $ per token).
+    """Evaluate every layout; keep those that fit; rank by step time per token (or $ per token). ``fp8``: GEMMs
+    in FP8 where Transformer Engine runs them (`costmodel._gemm_time`).
 
     The global batch is a target: each layout rounds it up to a multiple of dp × micro_batch (× pp for the
     interleaved schedule) and is dropped when that exceeds ``max_batch_factor`` × the target, since a batch
@@ -146,7 +148,7 @@ def search(
         evaluated += 1
         if progress and evaluated % 256 == 0:
             progress(256)
-        cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False)
+        cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False, fp8=fp8)
         if leanest is None or cost.memory_total < leanest.memory_total:
             leanest = cost
         if cost.fits:
@@ -163,7 +165,7 @@ def search(
     if ranked:
         result.why = explain(ranked)
         # recompute the per-collective byte counts only for the layouts we show
-        result.ranked = [estimate(spec, c.layout, cluster, c.global_batch_seqs, seq_len, stack)
+        result.ranked = [estimate(spec, c.layout, cluster, c.global_batch_seqs, seq_len, stack, fp8=fp8)
                          for c in ranked[:top]] + ranked[top:]
     return result
 

@@ -111,10 +111,16 @@ class SiteSpec(BaseModel):
 # neocloud list prices (Lambda: A100 80GB $1.29-1.79, H100 SXM $2.99, B200 $4.99 per GPU-hour). H800 lease
 # $2/GPU-h is the figure the DeepSeek-V3 report (arXiv:2412.19437, §1) assumes.
 # sustained_eff: the one calibrated number per generation. MAMF is a best-shape burst on an idle GPU; inside a
-# training step kernels run at sustained (power-capped) clocks, with launch gaps and imperfect tile fits. We use
-# round values, 0.85 (Ampere) and 0.80 (Hopper, Blackwell assumed alike), chosen against the generation's rows of
-# data/validation/public_runs.csv as a whole (never per row). It is the least-sourced constant here: replace
-# it with a measured sustained-GEMM figure when one is available (catalog override file).
+# training step kernels run at sustained (power-capped) clocks. Tile/wave quantization and kernel gaps are modelled
+# separately (plan.costmodel.gemm_shape_efficiency, Stack.kernel_gap_s), so this is only the clock/thermal
+# part. We use one round value, 0.90, for every generation, chosen on the 8 rows of
+# data/validation/public_runs.csv as a whole (grid 0.80-1.00 in steps of 0.05 for Ampere and Hopper: 0.90/0.90
+# gives median 4.7 %, max 14.2 %; never per row; the MoE rows were not used). It is the least-sourced constant
+# here: replace it with a measured sustained-GEMM figure when one is available (catalog override file).
+# fp8_matmul_eff: FP8 (E4M3) GEMM rate / FP8 dense peak. Assumption: 0.70 on Hopper, i.e. ~1.75× the BF16 GEMM
+# rate at the same shape, below the 2× of the peaks because FP8 GEMMs hit the power limit sooner and carry
+# scaling epilogues (NVIDIA Transformer Engine documentation reports FP8 end-to-end speed-ups of 1.3-1.5×
+# for whole layers, which also contain the bf16 attention and elementwise work modelled separately).
 _AMPERE = dict(generation="ampere", sms=108, sustained_eff=0.90, matmul_eff=0.859, attn_eff=0.62, hbm_eff=0.85,
                nvlink_eff=0.77)
 _HOPPER = dict(generation="hopper", sms=132, sustained_eff=0.90, matmul_eff=0.801, attn_eff=0.60, hbm_eff=0.85,
