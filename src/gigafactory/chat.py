@@ -13,10 +13,10 @@ END_OF_SPEECH = "\n\n"
 
 
 class ChatSession:
-    def __init__(self, run_dir: Path, persona: str) -> None:
+    def __init__(self, run_dir: Path, persona: str, weights: str = "full") -> None:
         load_run_spec(run_dir)  # "not a run directory" before anything about personas
         self.persona = resolve(run_dir, persona)
-        self.model, self.tok, self.step = load_for_inference(run_dir)
+        self.model, self.tok, self.step = load_for_inference(run_dir, weights=weights)
         self.history: list[tuple[str, str]] = []
 
     def reply(

@@ -23,10 +23,16 @@ def load_run_spec(run_dir: Path) -> ModelSpec:
     return spec_from_dict(json.loads(path.read_text()), str(path))
 
 
+WEIGHTS = ("full", "int8")
+
+
 def load_for_inference(
-    run_dir: Path, device: torch.device | None = None, quiet: bool = False
+    run_dir: Path, device: torch.device | None = None, quiet: bool = False, weights: str = "full"
 ) -> tuple[GrokModel, Tokenizer, int]:
-    """(model in eval mode, tokenizer, step of the checkpoint loaded)."""
+    """(model in eval mode, tokenizer, step of the checkpoint loaded). ``weights="int8"`` keeps the linear and
+    expert weights as per-channel int8 (`gigafactory.interop.int8`)."""
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown --weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     spec = load_run_spec(run_dir)
     tok = load_tokenizer(run_dir)
     model = GrokModel(spec)
@@ -38,4 +44,9 @@ def load_for_inference(
         for line in loaded.skipped:
             print(f"warning: {line}; using an older checkpoint")
     model.load_state_dict(state["model"])
+    if weights == "int8":
+        from gigafactory.interop.int8 import quantize_model
+
+        del state
+        quantize_model(model)
     return model.to(device or torch.device("cpu")).eval(), tok, int(loaded.manifest["step"])

@@ -60,12 +60,13 @@ class ServerOptions:
 
 
 def build_state(
-    run_dir: Path, cards_dir: Path | None = None, config: EngineConfig | None = None, health_timeout: float = 10.0
+    run_dir: Path, cards_dir: Path | None = None, config: EngineConfig | None = None, health_timeout: float = 10.0,
+    weights: str = "full",
 ) -> ServerState:
     """Everything comes from the run directory (plus optional cards)."""
     from gigafactory.runs import load_for_inference
 
-    model, tok, _ = load_for_inference(Path(run_dir), quiet=True)
+    model, tok, _ = load_for_inference(Path(run_dir), quiet=True, weights=weights)
     engine = Engine(model, tok, config or EngineConfig(), ServeMetrics())
     return ServerState(engine, tok, load_all(Path(run_dir), cards_dir), health_timeout, int(time.time()))
 

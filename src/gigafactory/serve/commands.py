@@ -18,6 +18,7 @@ def serve(
     max_queue: int = typer.Option(256, min=1, help="waiting requests beyond this get HTTP 429"),
     step_tokens: int = typer.Option(256, min=1, help="tokens per engine step (decodes + prefill chunks)"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads for the engine"),
+    weights: str = typer.Option("full", help="full, or int8 (per-channel 8-bit linear and expert weights)"),
     health_timeout: float = typer.Option(10.0, min=0.1, help="/health fails after this long without an engine step"),
 ) -> None:
     """Serve a trained run's personas with the OpenAI API (chat/completions, completions, models)."""
@@ -34,7 +35,7 @@ def serve(
         step_tokens=step_tokens,
         threads=threads,
     )
-    state = build_state(run_dir, personas, config, health_timeout)
+    state = build_state(run_dir, personas, config, health_timeout, weights)
     print(f"serving {len(state.personas)} personas from {run_dir} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
 

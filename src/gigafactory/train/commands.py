@@ -71,6 +71,7 @@ def chat(
     top_p: float = typer.Option(0.95, min=0.0, max=1.0),
     seed: int | None = typer.Option(None),
     url: str | None = typer.Option(None, help="talk to a `gigafactory serve` server instead of a run directory"),
+    weights: str = typer.Option("full", help="full, or int8 (per-channel 8-bit linear and expert weights)"),
 ) -> None:
     """Talk to a persona of a trained run (interactive, or one turn with --prompt)."""
     if url is not None:
@@ -85,7 +86,7 @@ def chat(
         raise UserError("give a run directory, or --url of a running `gigafactory serve`")
     from gigafactory.chat import ChatSession
 
-    session = ChatSession(run_dir, persona)
+    session = ChatSession(run_dir, persona, weights)
 
     def turn(message: str) -> None:
         console.print(f"[bold]{session.persona}:[/]", highlight=False)
