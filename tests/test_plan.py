@@ -225,21 +225,41 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_cli_errors_are_one_line() -> None:
+def _main(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:  # noqa: ANN001
+    """`gigafactory ARGS` through gigafactory.cli.main in this process (no start-up cost): (exit code, out, err)."""
+    from gigafactory.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gigafactory", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as ex:
+        code = int(ex.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_errors_are_one_line(capsys, monkeypatch) -> None:  # noqa: ANN001
+    r = _cli("plan", "--gpus", "-8")  # once end to end, in a fresh process
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--gpus" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "╭" not in r.stderr
     for args, msg in [
         (("plan", "--gpus", "0"), "--gpus"),
-        (("plan", "--gpus", "-8"), "--gpus"),
         (("plan", "--seq-len", "0"), "--seq-len"),
         (("plan", "--gpu", "v100"), "unknown GPU"),
         (("plan", "--model", "grok-9"), "unknown model"),
         (("plan", "--gpus", "64", "--layout", "dp_shard=8,tp=4"), "multiply"),
         (("plan", "--model", "grok-2", "--gpus", "8", "--gpu", "a100-40g"), "smallest|at least|≥"),
+        (("plan", "--gpus", "8", "--power", "1MW"), "both choose"),
+        (("plan", "--gpus", "145408"), "global batch of at least"),
+        (("plan", "--checkpoint-s", "-1"), "--checkpoint-s"),
     ]:
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert msg.split("|")[0] in r.stderr or any(m in r.stderr for m in msg.split("|"))
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error:"), r.stderr
-        assert "Traceback" not in r.stderr and "╭" not in r.stderr
+        code, _, err = _main(capsys, monkeypatch, *args)
+        assert code == 2, (args, err)
+        assert any(m in err for m in msg.split("|")), err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+        assert "Traceback" not in err and "╭" not in err
 
 
 def test_cli_plan_json_report_and_launch_files(tmp_path) -> None:
@@ -307,18 +327,13 @@ def test_largest_plannable_and_deadline_search() -> None:
     assert n == math.ceil(1e6 / 90 / 256) * 256 and days <= 90
 
 
-def test_cli_reverse_question_json() -> None:
-    r = _cli("plan", "--power", "100MW", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    sz = out["sizing"]
-    assert sz["max_gpus_allowed"] == 62_893 and out["n_gpus"] == sz["chosen_gpus"] <= 62_893
-    assert sz["site_power_mw"] <= 100 and out["campaign"]["peak_site_mw"] == pytest.approx(sz["site_power_mw"])
-    for args, msg in [(("plan", "--gpus", "8", "--power", "1MW"), "both choose"),
-                      (("plan", "--gpus", "145408"), "global batch of at least"),
-                      (("plan", "--checkpoint-s", "-1"), "--checkpoint-s")]:
-        r = _cli(*args)
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_cli_reverse_question_json(capsys, monkeypatch) -> None:  # noqa: ANN001
+    code, out, err = _main(capsys, monkeypatch, "plan", "--power", "100MW", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    sz = plan["sizing"]
+    assert sz["max_gpus_allowed"] == 62_893 and plan["n_gpus"] == sz["chosen_gpus"] <= 62_893
+    assert sz["site_power_mw"] <= 100 and plan["campaign"]["peak_site_mw"] == pytest.approx(sz["site_power_mw"])
 
 
 def test_report_curve_points_and_explanation() -> None:

@@ -356,15 +356,21 @@ def validate_plan(
         print(json.dumps(res, indent=2))
         return
     t = Table(title=f"validation: {file}")
-    for col in ("id", "metric", "reported", "predicted", "rel. error", "layout (filled by search)"):
-        t.add_column(col, justify="left" if col in ("id", "metric", "layout (filled by search)") else "right")
-    for r in results:  # type: ignore[attr-defined]
+    for col in ("id", "metric", "reported", "predicted", "rel. error", "stack", "fits", "layout (filled by search)"):
+        t.add_column(col, justify="right" if col in ("reported", "predicted", "rel. error") else "left")
+    # rows whose published layout does not fit the memory model come last, apart
+    for r in sorted(results, key=lambda r: not r.fits):  # type: ignore[attr-defined]
         filled = ", ".join(f"{k}={v}" for k, v in r.filled.items())
-        t.add_row(r.id, r.metric, f"{r.reported:.1f}", f"{r.predicted:.1f}", f"{r.rel_error:+.1%}",
-                  r.layout.short() + (f" ({filled})" if filled else ""))
+        t.add_row(r.id, r.metric, f"{r.reported:.1f}", f"{r.predicted:.1f}", f"{r.rel_error:+.1%}", r.stack,
+                  "yes" if r.fits else "NO", r.layout.short() + (f" ({filled})" if filled else ""))
     con = _console()
     con.print(t)
-    con.print(f"median |error| {res['median_abs_rel_error']:.1%}, max |error| {res['max_abs_rel_error']:.1%}")
+    if res["median_abs_rel_error"] is not None:
+        con.print(f"{res['rows_fitting_memory']} rows that fit: median |error| {res['median_abs_rel_error']:.1%}, "
+                  f"max |error| {res['max_abs_rel_error']:.1%}")
+    if res["rows_not_fitting_memory"]:
+        con.print(f"{res['rows_not_fitting_memory']} rows whose published layout does not fit the memory model "
+                  f"(counted apart): median |error| {res['median_abs_rel_error_not_fitting']:.1%}")
 
 
 def register(app: typer.Typer) -> None:

@@ -84,6 +84,8 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: St
                 dp = n // (tp * pp * cp)
                 for shard in _shard_options(dp, max(1, per_node // tp)):
                     for ep in _divisors(spec.n_experts):
+                        if (shard * cp) % ep:  # experts borrow data-parallel ranks (Layout.validate's rule)
+                            continue
                         for sched, v in _schedules(spec, pp):
                             base = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
                                           pp_schedule=sched, pp_virtual=v)  # type: ignore[arg-type]

@@ -175,6 +175,8 @@ def predict_row(row: dict[str, str]) -> RowResult:
         filled["micro_batch"] = str(lay.micro_batch)
     if not rec_raw:
         filled["activation_recompute"] = lay.recompute
+    if lay.ep != ep:
+        filled["ep"] = f"{ep} folded over tp={tp}, modelled as {lay.ep} groups of tp-split experts"
     scale = 1.0
     if "causal" in (row.get("flops_convention") or "").lower():  # the source counts the causal half of attention
         full = spec.flops_per_token(seq)
