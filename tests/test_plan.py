@@ -179,6 +179,11 @@ def test_collective_latency_per_call_by_level() -> None:
     # all-reduce: NCCL's double binary tree wins on latency, 2·log2(nodes) steps
     ar = collective_time("all_reduce", tiny, 8 * 4096, 8, cl)
     assert ar == pytest.approx(14 * fab.alpha_nvlink_s + 2 * 12 * fab.alpha_core_s, rel=1e-3)
+    # ... but a large message on two nodes stays on the ring (the tree has 92 % of its bandwidth)
+    nv, nic = h100.nvlink_bw * h100.nvlink_eff, fab.nic_bw * fab.efficiency
+    big_ar = collective_time("all_reduce", 8e9, 16, 8, cl)
+    ring = 2 * 7 / 8 * 8e9 / nv + 14 * fab.alpha_nvlink_s + 2 * 1 / 2 * 1e9 / nic + 2 * fab.latency_s
+    assert big_ar == pytest.approx(ring, rel=1e-6)
 
 
 def test_gemm_efficiency_by_shape() -> None:

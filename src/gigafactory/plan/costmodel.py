@@ -538,6 +538,9 @@ def collective_bytes(
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
+TREE_BW_FACTOR = 0.92
+
+
 def level_alpha(span_gpus: int, cluster: Cluster) -> tuple[float, float]:
     """(alpha per step, bandwidth factor) of a group whose members spread over ``span_gpus`` consecutive GPUs."""
     fab = cluster.fabric
@@ -568,7 +571,10 @@ def collective_time(kind: Literal["all_reduce", "all_gather", "reduce_scatter"],
         bw = fab.nic_bw * fab.efficiency * taper
         ring = ring_time(kind, nbytes / g, nodes, bw, alpha)
         if kind == "all_reduce":
-            tree = 2 * (nodes - 1) / nodes * nbytes / g / bw + 2 * math.ceil(math.log2(nodes)) * alpha
+            # NCCL's tuning model gives the tree 92 % of the ring's bus bandwidth for all-reduce
+            # (src/graph/tuning.cc), so large messages on few nodes stay on the ring
+            tree_bw = TREE_BW_FACTOR * bw
+            tree = 2 * (nodes - 1) / nodes * nbytes / g / tree_bw + 2 * math.ceil(math.log2(nodes)) * alpha
             ring = min(ring, tree)
         t += ring
     return t

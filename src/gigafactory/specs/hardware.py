@@ -115,7 +115,7 @@ class SiteSpec(BaseModel):
 # separately (plan.costmodel.gemm_shape_efficiency, Stack.kernel_gap_s), so this is only the clock/thermal
 # part. We use one round value, 0.90, for every generation, chosen on the 8 rows of
 # data/validation/public_runs.csv as a whole (grid 0.80-1.00 in steps of 0.05 for Ampere and Hopper: 0.90/0.90
-# gives median 4.7 %, max 14.2 %; never per row; the MoE rows were not used). It is the least-sourced constant
+# gives median 4.6-4.7 %, max 14.2 %; never per row; the MoE rows were not used). It is the least-sourced constant
 # here: replace it with a measured sustained-GEMM figure when one is available (catalog override file).
 # fp8_matmul_eff: FP8 (E4M3) GEMM rate / FP8 dense peak. Assumption: 0.70 on Hopper, i.e. ~1.75× the BF16 GEMM
 # rate at the same shape, below the 2× of the peaks because FP8 GEMMs hit the power limit sooner and carry
