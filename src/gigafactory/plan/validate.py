@@ -120,8 +120,8 @@ def predict_row(row: dict[str, str]) -> RowResult:
         raise UserError(f"row {rid}: column expert_balance={balance!r}; leave it empty or write forced")
     imbalance = 1.0 if balance == "forced" else EXPERT_IMBALANCE
     sched = (row.get("pp_schedule") or "").strip().lower() or "1f1b"
-    if sched not in ("1f1b", "interleaved", "gpipe"):
-        raise UserError(f"row {rid}: column pp_schedule={sched!r}; use 1f1b, interleaved or gpipe")
+    if sched not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
+        raise UserError(f"row {rid}: column pp_schedule={sched!r}; use 1f1b, interleaved, zero_bubble or gpipe")
     virtual = _int(row, "pp_virtual", 1)
     n = _int(row, "n_gpus")
     tp, pp, dp, cp = _int(row, "tp"), _int(row, "pp"), _int(row, "dp"), _int(row, "cp", 1)
