@@ -224,10 +224,46 @@ def test_run_directory_lock_names_its_holder_and_detects_stale_locks(tmp_path):
     try:
         assert any(f"stale run-directory lock (pid {holder.pid}" in n for n in notes)
         assert any(".step_000009.tmp" in n for n in notes) and not (run / "ckpt" / ".step_000009.tmp").exists()
-        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
-            ckpt.RunLock(run).acquire()  # a second lock in this process is refused too (flock is per open file)
+        assert ckpt.RunLock(run).acquire() is lock  # re-entrant within one process (one job)
     finally:
         lock.release()
     lock2, notes2 = ckpt.lock_run_dir(run)  # released cleanly: nothing stale
     lock2.release()
     assert notes2 == []
+
+
+# --- the trainer: no phantom optimizer step, the spec checked first, the lock from the CLI ---------------------------
+
+
+def test_auto_resume_with_no_checkpoint_yet_trains_like_a_fresh_run(tmp_path):
+    fresh = Trainer(make_config(run_dir=tmp_path / "a", steps=3, checkpoint_every=3, **FAST), quiet=True).fit()
+    auto = Trainer(make_config(run_dir=tmp_path / "b", steps=3, checkpoint_every=3, auto_resume=True, **FAST),
+                   quiet=True)
+    assert auto.resumed_from is None and not auto.optimizer.state  # no phantom Adam step left behind
+    assert auto.fit().losses == fresh.losses
+
+
+def test_resuming_with_another_model_names_the_model_not_the_data(tmp_path):
+    run = tmp_path / "run"
+    Trainer(make_config(run_dir=run, steps=1, checkpoint_every=1, **FAST), quiet=True).fit()
+    other = {**FAST, "model": "small"}
+    with pytest.raises(UserError, match="holds a run of another model"):
+        Trainer(make_config(run_dir=run, steps=2, resume=True, **other), quiet=True)
+
+
+def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from gigafactory.checkpoint import RunLock; "
+         f"RunLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = cli("train", "--model", "tiny", "--steps", "1", "--run-dir", str(run), "--batch-size", "4",
+                   "--seq-len", "64", "--dtype", "fp32")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"in use by another job (pid {holder.pid}" in proc.stderr
+    assert not (run / "ckpt").exists()

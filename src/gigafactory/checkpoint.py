@@ -378,10 +378,16 @@ class RunLock:
         self.stale: str | None = None  # the previous holder, if it left without releasing (a crash)
 
     def acquire(self) -> RunLock:
+        """Take the lock, or a UserError naming its holder. Re-entrant within one process (a process is one job:
+        tests and notebooks build several trainers on one directory in turn)."""
         import fcntl
         import socket
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        held = _HELD.get(key)
+        if held is not None and held._fd is not None:
+            return held
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -398,6 +404,7 @@ class RunLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD[key] = self
         return self
 
     def _holder_text(self) -> str:
@@ -416,6 +423,10 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        _HELD.pop(str(self.path.resolve()), None)
+
+
+_HELD: dict[str, RunLock] = {}  # locks this process holds, by lock-file path
 
 
 def lock_run_dir(run_dir: Path) -> tuple[RunLock | None, list[str]]:

@@ -136,7 +136,10 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # One job per run directory (rank 0 holds the lock); unfinished saves of a crashed run are removed.
+        self.lock, lock_notes = ckpt.lock_run_dir(self.run_dir)
         with self.dist.main_first():
+            self._check_spec()  # before the data: another model's run must be named as such
             self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size, self.tokenizer)
             self._save_run_files()
 
@@ -151,7 +154,7 @@ class Trainer:
         self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
         self.step = 0
         self.resumed_from: int | None = None
-        self.notes: list[str] = []
+        self.notes: list[str] = list(lock_notes)
         self.faults = FaultInjector()
         self.guard = StepGuard(cfg.max_bad_steps)
         self.rollbacks, self._rolled_back_to = 0, -1
@@ -161,11 +164,15 @@ class Trainer:
         self.flops_per_token = self.spec.flops_per_token(self.seq_len)
 
     # ---- run directory -------------------------------------------------------------------------------------
+    def _check_spec(self) -> None:
+        spec_path = self.run_dir / "spec.json"
+        if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(self.spec.model_dump_json()):
+            raise UserError(f"{self.run_dir} holds a run of another model; use a new --run-dir")
+
     def _save_run_files(self) -> None:
         spec_json = self.spec.model_dump_json(indent=1)
         spec_path = self.run_dir / "spec.json"
-        if spec_path.is_file() and json.loads(spec_path.read_text()) != json.loads(spec_json):
-            raise UserError(f"{self.run_dir} holds a run of another model; use a new --run-dir")
+        self._check_spec()
         atomic_write_text(spec_path, spec_json)
         atomic_write_text(self.run_dir / "train_config.json", self.cfg.model_dump_json(indent=1))
 
@@ -178,6 +185,9 @@ class Trainer:
         state = self._state()
         loaded = ckpt.load_latest(self.run_dir, state)
         if loaded is None:
+            # get_state_dict built the optimizer's state with a zero-learning-rate step (Adam's step count 1):
+            # with nothing to load over it, that phantom step would shift the bias correction of every later one.
+            self.optimizer.state.clear()
             self.notes.append(f"no checkpoint in {self.run_dir}; starting from step 0")
             return False
         for line in loaded.skipped:
@@ -349,6 +359,8 @@ class Trainer:
         if watchdog is not None:
             watchdog.stop()
         metrics.close()
+        if self.lock is not None:
+            self.lock.release()
         return result
 
 
