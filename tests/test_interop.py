@@ -50,6 +50,7 @@ def test_grok1_tokenizer_round_trips_and_knows_the_release_ids():
     lengths = tok.byte_lengths()
     assert tok.sp.id_to_piece(ids[0]).startswith("\u2581")
     assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")) + 1
+    assert tok.id_to_token(ids[0]).startswith("\u2581") and tok.id_to_token(tok.sp.piece_to_id("<0x0A>")) is None
 
 
 def test_training_with_the_grok1_tokenizer_and_chatting(tmp_path):
@@ -166,7 +167,9 @@ def test_interrupted_import_resumes_then_chats_and_serves(tmp_path, cli, monkeyp
     proc = cli("chat", str(run), "--persona", "grok", "--prompt", "Hello", "--max-tokens", "3", "--temperature", "0",
                "--weights", "int8")
     assert proc.returncode == 0, proc.stderr
-    with TestClient(create_app(build_state(run, weights="int8"))) as client:
+    state = build_state(run, weights="int8")
+    assert state.engine.eos_id == toklib.GROK1_EOS_ID  # the server stops at the release's [EOS], not BPE's id 1
+    with TestClient(create_app(state)) as client:
         r = client.post("/v1/completions", json={"model": "grok", "prompt": "Hello", "max_tokens": 3,
                                                  "temperature": 0})
         assert r.status_code == 200, r.text

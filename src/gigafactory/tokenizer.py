@@ -86,6 +86,10 @@ class SentencePieceTokenizer:
     def get_vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def id_to_token(self, i: int) -> str | None:
+        """The piece (``▁`` marks a space); None for byte pieces such as ``<0x0A>``, whose text is the byte."""
+        return None if self.sp.is_byte(i) else self.sp.id_to_piece(i)
+
     def token_to_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
