@@ -395,3 +395,20 @@ def test_fp8_gemms_by_hand() -> None:
     lay = Layout(dp_shard=8, ep=8, recompute="full")
     slow, fast = (estimate(g2, lay, cl, 64, 8192, with_bytes=False, fp8=f) for f in (False, True))
     assert 1.2 < slow.compute_s / fast.compute_s < 2.0  # attention and elementwise stay bf16
+
+
+def test_validation_stack_spellings_and_throughput_metric() -> None:
+    import csv
+
+    from gigafactory.plan.validate import predict_row
+
+    row = next(csv.DictReader(CSV.open()))
+    row.update(stack="Megatron-LM", metric="tokens_per_s_per_gpu", value="1000")
+    r = predict_row(row)
+    assert r.stack == "megatron-2021"
+    assert r.predicted == pytest.approx(r.cost.tokens_per_s / int(row["n_gpus"]))
+    row["stack"] = "megatron_deepspeed"
+    assert predict_row(row).stack == "deepspeed"
+    row["stack"] = "jax"
+    with pytest.raises(UserError, match="column stack='jax'"):
+        predict_row(row)

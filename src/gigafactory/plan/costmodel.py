@@ -79,18 +79,25 @@ MEGATRON_CORE_2024 = Stack("megatron-core-2024", flash_attention=True, dp_overla
 # published recipes we use).
 NEMO_2025 = Stack("nemo-2025", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5,
                   distributed_optimizer=True, fsdp=False, kernels_per_layer=20)
-# DeepSpeed ZeRO-3 (Megatron-DeepSpeed / HF): FSDP-like per-layer gathers with prefetch, fused kernels; TP as
-# Megatron (blocking).
-DEEPSPEED = Stack("deepspeed", flash_attention=True, dp_overlap=1.0, tp_overlap=0.0, pp_overlap=0.0,
-                  kernels_per_layer=28)
+# Megatron-DeepSpeed 3D parallelism as BLOOM and MT-NLG ran it (2021-22): Megatron's TP and kernels, DeepSpeed's
+# pipeline engine, ZeRO-1 over data parallelism (optimizer sharded, gradients reduced after the backward pass),
+# unfused softmax attention with dropout.
+DEEPSPEED = Stack("deepspeed", flash_attention=False, dp_overlap=0.0, tp_overlap=0.0, pp_overlap=0.0, dropout=True,
+                  distributed_optimizer=True, fsdp=False, kernels_per_layer=24)
+# DeepSpeed ZeRO-3 (HF Accelerate / DeepSpeed, flash attention): per-layer parameter gathers with prefetch.
+DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0, tp_overlap=0.0, pp_overlap=0.0,
+                        kernels_per_layer=28)
 # torchtitan / FSDP2 (what gigafactory's trainer runs): flash attention (SDPA), FSDP2 prefetch of the next
 # layer's gather and overlapped reduce-scatter, async TP hides about half of TP traffic; eager PyTorch launches
 # more kernels per layer than the fused frameworks.
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
                distributed_optimizer=True, kernels_per_layer=32)
 TORCHTITAN = MODERN
-STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, MODERN)}
-STACKS["torchtitan"] = MODERN
+STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
+# other spellings a validation file may use
+STACKS.update({"torchtitan": MODERN, "fsdp2": MODERN, "megatron": MEGATRON_2021, "megatron-lm": MEGATRON_2021,
+               "megatron-core": MEGATRON_CORE_2024, "mcore": MEGATRON_CORE_2024, "nemo": NEMO_2025,
+               "megatron-bridge": NEMO_2025, "megatron-deepspeed": DEEPSPEED})
 
 # Expert load imbalance: the busiest expert-parallel rank receives this many times the mean tokens. 1.25 is the
 # capacity factor GShard and Switch Transformer provision for (Lepikhin et al. 2020; Fedus et al. 2021), and it

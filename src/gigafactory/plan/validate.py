@@ -37,7 +37,7 @@ MOE_CSV = DATA / "moe_runs.csv"  # the project's MoE rows: predicted, never fitt
 # How many weight matrices an FFN of each activation has; a gated spec of width 2F/3 has the same
 # parameters and FLOPs as a two-matrix FFN of width F.
 FFN_MATRICES = {"gelu": 2, "squared_relu": 2, "relu": 2, "swiglu": 3, "geglu": 3}
-CONVENTIONS = ("hw_tflops_per_gpu", "model_tflops_per_gpu", "mfu_pct")
+CONVENTIONS = ("hw_tflops_per_gpu", "model_tflops_per_gpu", "mfu_pct", "tokens_per_s_per_gpu", "step_time_s")
 REQUIRED = ("id", "layers", "d_model", "n_heads", "ffn_hidden", "ffn_act", "vocab", "seq_len", "gpu_type",
             "n_gpus", "tp", "pp", "dp", "global_batch_seqs", "metric", "value")
 
@@ -182,12 +182,13 @@ def predict_row(row: dict[str, str]) -> RowResult:
         full = spec.flops_per_token(seq)
         scale = (full - spec.attention_flops_per_token(seq) / 2) / full
     predicted = {"hw_tflops_per_gpu": cost.hw_tflops, "model_tflops_per_gpu": cost.model_tflops * scale,
-                 "mfu_pct": 100 * cost.mfu * scale}[metric]
+                 "mfu_pct": 100 * cost.mfu * scale, "tokens_per_s_per_gpu": cost.tokens_per_s / n,
+                 "step_time_s": cost.step_time_s}[metric]
     return RowResult(rid, metric, reported, predicted, lay, filled, cost, stack.name)
 
 
 def _stack(row: dict[str, str], rid: str, generation: str) -> Stack:
-    name = (row.get("stack") or "").strip().lower()
+    name = (row.get("stack") or "").strip().lower().replace(" ", "-").replace("_", "-")
     if not name:
         return STACK_BY_GENERATION[generation]
     if name not in STACKS:
