@@ -2,17 +2,14 @@
 disconnects, bad requests (explicit and fuzzed), health and metrics, `chat --url`."""
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -21,6 +18,7 @@ from gigafactory.chat import ChatSession
 from gigafactory.model.generate import generate
 from gigafactory.serve.api import build_state, create_app
 from gigafactory.serve.engine import EngineConfig
+from serve_helpers import running, trained_run, wait_until
 from test_serve_engine import CARD
 
 PROMPTS = ["Hello there", "What light through yonder window breaks?", "Who art thou?", "Speak, good sir."]
@@ -28,20 +26,7 @@ PROMPTS = ["Hello there", "What light through yonder window breaks?", "Who art t
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    from gigafactory.train.config import make_config
-    from gigafactory.train.loop import train
-
-    path = tmp_path_factory.mktemp("serve_run")
-    # A slice of the built-in corpus keeps tokenizer training quick; it still has speakers enough for personas.
-    corpus = path.parent / "corpus.txt"
-    text = (files("gigafactory") / "data" / "tinyshakespeare.txt").read_text()
-    start = text.index("ROMEO:\n")  # Romeo and Juliet
-    corpus.write_text(text[start : start + 150_000])
-    cfg = make_config(
-        model="tiny", steps=4, batch_size=4, seq_len=64, run_dir=path, data=corpus, dtype="fp32", eval_every=100
-    )
-    train(cfg)
-    return path
+    return trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +38,8 @@ def server(run_dir, tmp_path_factory):
     (cards / "ada.json").write_text(json.dumps(card))
     config = EngineConfig(max_batch=16, kv_cache_mb=2.0, max_queue=64)
     state = build_state(run_dir, cards, config, health_timeout=1.5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", state
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with running(create_app(state)) as url:
+        yield url, state
 
 
 @pytest.fixture(scope="session")
@@ -154,13 +128,6 @@ def test_batched_completions_equal_generate(run_dir, server, client):
     with torch.no_grad():
         expected = [tok.decode(list(generate(model, tok.encode(t).ids, 40, temperature=0))) for t in texts]
     assert served == expected
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -306,8 +273,10 @@ def test_full_queue_gets_429(url, server):
     engine.config.max_queue = 0
     try:
         body = {"model": "ROMEO", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=body), 429)
-        assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}), 429)
+        for stream in (False, True):
+            resp = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": stream})
+            assert_openai_error(resp, 429)
+            assert resp.headers["retry-after"] == "1" and resp.json()["error"]["code"] == "queue_full"
     finally:
         engine.config.max_queue = bound
 

@@ -80,9 +80,12 @@ def create_app(state: ServerState, options: ServerOptions | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.engine.start()
+        owner = not state.engine.alive()  # several apps may share one engine (tests): the first one runs it
+        if owner:
+            state.engine.start()
         yield
-        state.engine.stop()
+        if owner:
+            state.engine.stop()
         serving.pool.shutdown(wait=False, cancel_futures=True)
 
     docs = {} if opts.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
