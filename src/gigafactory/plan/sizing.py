@@ -144,10 +144,10 @@ def largest_plannable(cap: int, run: Callable[[int], SearchResult],
 def smallest_for_deadline(deadline_s: float, days_of: Callable[[int], float | None]) -> tuple[int, float]:
     """The smallest count (whole units) whose reliability-adjusted training time is within the deadline.
 
-    Doubles from one scalable unit until the deadline is met, then bisects on whole units. ``days_of(n)`` is
-    None when nothing fits on n GPUs (too few: keep growing)."""
+    Doubles from one 8-GPU node until the deadline is met, then bisects on whole units (nodes below 1,024 GPUs,
+    scalable units above). ``days_of(n)`` is None when nothing fits on n GPUs (too few: keep growing)."""
     days_max = deadline_s / 86400
-    lo, n = 0, SCALABLE_UNIT
+    lo, n = 0, NODE
     while True:
         d = days_of(n)
         if d is not None and d <= days_max:
@@ -158,8 +158,9 @@ def smallest_for_deadline(deadline_s: float, days_of: Callable[[int], float | No
                             f"extend --deadline or lower --tokens")
         lo, n = n, min(2 * n, MAX_GPUS)
     hi, best_days = n, d
-    while hi - lo > SCALABLE_UNIT:
-        mid = (lo + hi) // 2 // SCALABLE_UNIT * SCALABLE_UNIT
+    unit = _unit(hi)
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
         if mid <= lo:
             break
         dm = days_of(mid)
