@@ -179,10 +179,10 @@ def test_collective_latency_per_call_by_level() -> None:
     # all-reduce: NCCL's double binary tree wins on latency, 2·log2(nodes) steps
     ar = collective_time("all_reduce", tiny, 8 * 4096, 8, cl)
     assert ar == pytest.approx(14 * fab.alpha_nvlink_s + 2 * 12 * fab.alpha_core_s, rel=1e-3)
-    # ... but a large message on two nodes stays on the ring (the tree has 92 % of its bandwidth)
+    # ... but a large message on four nodes stays on the ring (the tree has 92 % of its bandwidth)
     nv, nic = h100.nvlink_bw * h100.nvlink_eff, fab.nic_bw * fab.efficiency
-    big_ar = collective_time("all_reduce", 8e9, 16, 8, cl)
-    ring = 2 * 7 / 8 * 8e9 / nv + 14 * fab.alpha_nvlink_s + 2 * 1 / 2 * 1e9 / nic + 2 * fab.latency_s
+    big_ar = collective_time("all_reduce", 8e9, 32, 8, cl)
+    ring = 2 * 7 / 8 * 8e9 / nv + 14 * fab.alpha_nvlink_s + 2 * 3 / 4 * 1e9 / nic + 6 * fab.latency_s
     assert big_ar == pytest.approx(ring, rel=1e-6)
 
 
@@ -330,6 +330,17 @@ def test_largest_plannable_and_deadline_search() -> None:
         largest_plannable(62_893, lambda n: SearchResult([], 0, 0, 0.0, None, "time"), lambda n, r: "because")
     n, days = smallest_for_deadline(90 * 86400, lambda n: 1e6 / n)  # days fall as 1/n
     assert n == math.ceil(1e6 / 90 / 256) * 256 and days <= 90
+    assert smallest_for_deadline(90 * 86400, lambda n: 100 / n) == (8, 12.5)  # one node is enough
+
+
+def test_hsdp_shard_groups_are_not_only_powers_of_two() -> None:
+    from gigafactory.plan.search import _shard_options, enumerate_layouts
+
+    opts = _shard_options(12_500, 2)
+    assert {1, 20, 25, 625, 12_500} <= set(opts) and all(12_500 % d == 0 for d in opts)
+    cl = Cluster.of(get_gpu("h100-sxm"), 100_000, "spectrum-x")
+    shards = {lay.dp_shard for lay in enumerate_layouts(PRESETS["grok-2"], cl, 8192)}
+    assert any(d & (d - 1) for d in shards)  # the search itself tries non-power-of-two groups
 
 
 def test_cli_reverse_question_json(capsys, monkeypatch) -> None:  # noqa: ANN001
