@@ -31,6 +31,7 @@ from gigafactory.train import data as datalib
 from gigafactory.train import distributed
 from gigafactory.train.config import TrainConfig
 from gigafactory.train.device import peak_flops, pick_dtype
+from gigafactory.train.launch import die_with_parent
 from gigafactory.train.resilience import (
     Checkpointer,
     FaultInjector,
@@ -118,6 +119,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, spec: ModelSpec | None = None, quiet: bool = False) -> None:
+        die_with_parent()  # a worker of a killed torchrun agent must not keep writing into the run directory
         self.cfg = cfg
         self.tokenizer = toklib.resolve_choice(cfg.tokenizer, cfg.model)
         self.spec = toklib.spec_for(spec or load_spec(cfg.model), self.tokenizer, quiet)

@@ -30,8 +30,10 @@ from gigafactory.errors import UserError
 
 
 def restarted() -> bool:
-    """True in a process that torchrun's elastic agent started again after a failure."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    """True in a process that torchrun's elastic agent (or `gigafactory launch`) started again after a failure or
+    a change of hosts."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            or int(os.environ.get("GIGAFACTORY_RESTARTS", "0")) > 0)
 
 
 class Checkpointer:
