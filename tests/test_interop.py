@@ -119,7 +119,7 @@ class _Evil:
 
 
 def test_malicious_or_corrupt_pickles_are_refused(tmp_path, cli):
-    spec = spec_of(**{**GROK1_TINY, "vocab_size": 512})
+    spec = spec_of(**GROK1_TINY)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec.model_dump()))
     ckpt = grok1.write_release_checkpoint(grok1.random_original_params(spec), spec, tmp_path / "release")
@@ -134,6 +134,8 @@ def test_malicious_or_corrupt_pickles_are_refused(tmp_path, cli):
     (ckpt / "tensor00003_000").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="tensor00003_000 is corrupt"):
         import_grok1(ckpt, tmp_path / "run", spec)
+    with pytest.raises(UserError, match="vocab_size 512, but the run will use the Grok-1 tokenizer"):
+        import_grok1(ckpt, tmp_path / "run", spec.model_copy(update={"vocab_size": 512}))
 
 
 def test_interrupted_import_resumes_then_chats_and_serves(tmp_path, cli, monkeypatch):

@@ -164,6 +164,9 @@ def import_grok1(
     run_dir = Path(run_dir)
     refuse_existing(run_dir)
     grok1.check_grok1_shaped(spec)
+    if spec.vocab_size < toklib.GROK1_VOCAB:
+        raise UserError(f"spec {spec.name!r} has vocab_size {spec.vocab_size}, but the run will use the Grok-1 "
+                        f"tokenizer's {toklib.GROK1_VOCAB:,} ids; pass a --model with vocab_size {toklib.GROK1_VOCAB}")
     staging, names = stage_release(ckpt_dir, spec, run_dir, stop_after)
     with torch.no_grad():
         model = grok1.from_original_params(StagedParams(staging, names), spec, Progress("loading"))

@@ -92,6 +92,7 @@ class Engine:
         self, model: GrokModel, tok: Tokenizer, config: EngineConfig | None = None, metrics: ServeMetrics | None = None
     ) -> None:
         self.model, self.tok = model, tok
+        self.eos_id = getattr(tok, "eos_id", EOS_ID)  # the Grok-1 SentencePiece model ends documents with id 2
         self.config = cfg = config or EngineConfig()
         self.spec = model.spec
         self.metrics = metrics or ServeMetrics()
@@ -324,7 +325,7 @@ class Engine:
         seq.tokens.append(token)
         self.metrics.generated_tokens.inc()
         assert seq.tracker is not None
-        if token == EOS_ID and not p.ignore_eos:
+        if token == self.eos_id and not p.ignore_eos:
             seq.tokens.pop()  # the separator is not part of the answer
             self._done(seq, "stop")
             return
