@@ -344,26 +344,35 @@ def _print(out: dict[str, Any], best: StepCost, camp: Any, shown: list[StepCost]
 
 
 def validate_plan(
-    file: Path = typer.Argument(..., help="CSV of published runs (format of data/validation/public_runs.csv)"),
+    files: list[Path] = typer.Argument(..., help="CSV file(s) of published runs (format of "
+                                       "data/validation/public_runs.csv), e.g. public_runs.csv more_runs.csv"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Predict every published run in FILE under the layout it used; print the relative errors."""
+    """Predict every published run in each FILE under the layout it used; print the relative errors per file."""
     from gigafactory.plan.validate import validate_csv
 
-    res = validate_csv(file)
-    results = res.pop("results")
+    results = [validate_csv(f) for f in files]  # every file is checked before anything is printed
     if as_json:
-        print(json.dumps(res, indent=2))
+        out = [{k: v for k, v in res.items() if k != "results"} for res in results]
+        if len(files) == 1:
+            print(json.dumps(out[0], indent=2))
+        else:
+            print(json.dumps({"files": [{"file": str(f), **o} for f, o in zip(files, out, strict=True)]}, indent=2))
         return
+    con = _console()
+    for f, res in zip(files, results, strict=True):
+        _print_validation(con, f, res)
+
+
+def _print_validation(con: Console, file: Path, res: dict) -> None:
     t = Table(title=f"validation: {file}")
     for col in ("id", "metric", "reported", "predicted", "rel. error", "stack", "fits", "layout (filled by search)"):
         t.add_column(col, justify="right" if col in ("reported", "predicted", "rel. error") else "left")
     # rows whose published layout does not fit the memory model come last, apart
-    for r in sorted(results, key=lambda r: not r.fits):  # type: ignore[attr-defined]
+    for r in sorted(res["results"], key=lambda r: not r.fits):
         filled = ", ".join(f"{k}={v}" for k, v in r.filled.items())
         t.add_row(r.id, r.metric, f"{r.reported:.1f}", f"{r.predicted:.1f}", f"{r.rel_error:+.1%}", r.stack,
                   "yes" if r.fits else "NO", r.layout.short() + (f" ({filled})" if filled else ""))
-    con = _console()
     con.print(t)
     if res["median_abs_rel_error"] is not None:
         con.print(f"{res['rows_fitting_memory']} rows that fit: median |error| {res['median_abs_rel_error']:.1%}, "

@@ -219,6 +219,21 @@ def expert_tp(lay: Layout) -> int:
     return lay.tp if lay.ep == 1 else 1
 
 
+# Layers per virtual stage when a run names the interleaved schedule but not its virtual stages: NVIDIA's
+# published Megatron-Core / NeMo recipes chunk each pipeline rank into virtual stages of about two layers (Llama 3
+# 70B: pp 8, vp 5, 80 layers; Llama 3.1 405B: pp 8, vp 8, 126 layers; GPT-3 175B: pp 8, vp 6, 96 layers;
+# Megatron-Bridge scripts/performance recipes). Megatron-LM itself has no default (--num-layers-per-virtual-
+# pipeline-stage must be given), so this is the stated assumption for such rows.
+LAYERS_PER_VIRTUAL_STAGE = 2
+
+
+def default_virtual_stages(n_layers: int, pp: int) -> int:
+    """Virtual stages per pipeline rank for an interleaved run that does not state them: chunks of
+    `LAYERS_PER_VIRTUAL_STAGE` layers (at least two chunks, since interleaving needs v > 1)."""
+    per_rank = math.ceil(n_layers / pp)
+    return max(2, min(per_rank, round(per_rank / LAYERS_PER_VIRTUAL_STAGE)))
+
+
 def bubble_slots(lay: Layout) -> float:
     """Idle micro-batch slots of the schedule the trainer runs: (p−1)/v for GPipe, 1F1B and interleaved 1F1B;
     a third of that for zero-bubble (Qi et al. 2024, ZB-H1: the weight-gradient third of each backward fills

@@ -17,12 +17,14 @@ from pathlib import Path
 from gigafactory.errors import UserError
 from gigafactory.plan.costmodel import (
     EXPERT_IMBALANCE,
+    LAYERS_PER_VIRTUAL_STAGE,
     MEGATRON_2021,
     MEGATRON_CORE_2024,
     STACKS,
     Cluster,
     Stack,
     StepCost,
+    default_virtual_stages,
     estimate,
 )
 from gigafactory.specs.hardware import get_gpu
@@ -122,7 +124,11 @@ def predict_row(row: dict[str, str]) -> RowResult:
     sched = (row.get("pp_schedule") or "").strip().lower() or "1f1b"
     if sched not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
         raise UserError(f"row {rid}: column pp_schedule={sched!r}; use 1f1b, interleaved, zero_bubble or gpipe")
-    virtual = _int(row, "pp_virtual", 1)
+    pp_raw = _int(row, "pp", 1)
+    if sched == "interleaved" and not (row.get("pp_virtual") or "").strip() and pp_raw > 1:
+        virtual = default_virtual_stages(spec.n_layers, pp_raw)  # stated in costmodel.LAYERS_PER_VIRTUAL_STAGE
+    else:
+        virtual = _int(row, "pp_virtual", 1)
     n = _int(row, "n_gpus")
     tp, pp, dp, cp = _int(row, "tp"), _int(row, "pp"), _int(row, "dp"), _int(row, "cp", 1)
     ep = _int(row, "ep", 1)
@@ -175,6 +181,8 @@ def predict_row(row: dict[str, str]) -> RowResult:
         filled["micro_batch"] = str(lay.micro_batch)
     if not rec_raw:
         filled["activation_recompute"] = lay.recompute
+    if sched == "interleaved" and not (row.get("pp_virtual") or "").strip():
+        filled["pp_virtual"] = f"{lay.pp_virtual} (about {LAYERS_PER_VIRTUAL_STAGE} layers per virtual stage)"
     if lay.ep != ep:
         filled["ep"] = f"{ep} folded over tp={tp}, modelled as {lay.ep} groups of tp-split experts"
     scale = 1.0
@@ -198,16 +206,15 @@ def _stack(row: dict[str, str], rid: str, generation: str) -> Stack:
 
 def _row_layout(dp: int, tp: int, pp: int, cp: int, ep: int, mb: int, rec: str, sched: str, virtual: int,
                 stack: Stack) -> Layout:
-    """The published layout. Expert parallelism borrows data-parallel ranks, so with ep > 1 (or a Megatron-style
-    stack, where `estimate` treats every dp rank alike) dp goes to dp_shard; FSDP stacks replicate otherwise.
+    """The published layout. dp always goes to dp_shard: Megatron-style stacks treat every dp rank alike (the
+    distributed optimizer shards over all of them), expert parallelism borrows data-parallel ranks, and FSDP
+    stacks shard over the whole data-parallel group unless the row says otherwise (torchtitan's
+    data_parallel_shard_degree defaults to -1, all ranks; FSDP2's fully_shard over the default mesh).
     Megatron-Core folds ep over tp × dp with experts not tensor-split (MoE parallel folding): ep = tp·e is modelled
     as e expert groups of tp-split experts, the same expert FLOPs, weights and tokens per GPU."""
     if ep > dp * cp and ep % tp == 0:
         ep //= tp
-    if ep > 1 or not stack.fsdp:
-        return Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, ep=ep, micro_batch=mb, recompute=rec,  # type: ignore[arg-type]
-                      pp_schedule=sched, pp_virtual=virtual)  # type: ignore[arg-type]
-    return Layout(dp_replicate=dp, tp=tp, pp=pp, cp=cp, ep=ep, micro_batch=mb, recompute=rec,  # type: ignore[arg-type]
+    return Layout(dp_shard=dp, tp=tp, pp=pp, cp=cp, ep=ep, micro_batch=mb, recompute=rec,  # type: ignore[arg-type]
                   pp_schedule=sched, pp_virtual=virtual)  # type: ignore[arg-type]
 
 
