@@ -30,6 +30,9 @@ def serve(
     max_concurrent_per_key: int = typer.Option(64, min=0, help="requests in flight per API key or address (0 = off)"),
     rate_limit: float = typer.Option(0.0, min=0.0, help="requests per minute per API key or address (0 = off)"),
     keepalive: float = typer.Option(5.0, min=0.05, help="seconds of silence before a stream sends a keep-alive"),
+    replicas: int = typer.Option(1, min=1, help="engines behind one persona-aware router (see --backend)"),
+    backend: str = typer.Option("local", help="where --replicas run: local (processes) or ray (actors)"),
+    ray_address: str | None = typer.Option(None, help="Ray cluster to place replicas on (default: start one here)"),
 ) -> None:
     """Serve a trained run's personas with the OpenAI API (chat/completions, completions, models) and a chat page."""
     import ipaddress
@@ -71,6 +74,15 @@ def serve(
         step_tokens=step_tokens,
         threads=threads,
     )
+    if replicas > 1 or backend != "local":
+        from gigafactory.serve.scale import serve_replicas
+
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(config).items()] + [f"--weights={weights}"]
+        args += [f"--personas={personas}"] if personas else []
+        args += [f"--api-key={k}" for k in api_key or []] + ([f"--api-key-file={api_key_file}"] if api_key_file else [])
+        actor = {"engine": vars(config), "personas": personas, "weights": weights, "api_key": api_key,
+                 "api_key_file": api_key_file}  # fmt: skip
+        return serve_replicas(run_dir, replicas, backend, host, port, args, actor, ray_address, 30.0)
     state = build_state(run_dir, personas, config, health_timeout, weights)
     auth = f", {len(keys)} API key(s)" if keys else ""
     print(f"serving {len(state.personas)} personas from {run_dir} on http://{host}:{port}/v1{auth}", flush=True)
@@ -79,4 +91,7 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
+    from gigafactory.serve import scale
+
     app.command("serve")(serve)
+    scale.register(app)
