@@ -33,6 +33,8 @@ def serve(
     replicas: int = typer.Option(1, min=1, help="engines behind one persona-aware router (see --backend)"),
     backend: str = typer.Option("local", help="where --replicas run: local (processes) or ray (actors)"),
     ray_address: str | None = typer.Option(None, help="Ray cluster to place replicas on (default: start one here)"),
+    tp: int = typer.Option(1, min=1, help="tensor-parallel ranks under torchrun (attention heads, expert columns)"),
+    ep: int = typer.Option(1, min=1, help="expert-parallel ranks (whole experts per rank; heads split as by --tp)"),
 ) -> None:
     """Serve a trained run's personas with the OpenAI API (chat/completions, completions, models) and a chat page."""
     import ipaddress
@@ -83,6 +85,10 @@ def serve(
         actor = {"engine": vars(config), "personas": personas, "weights": weights, "api_key": api_key,
                  "api_key_file": api_key_file}  # fmt: skip
         return serve_replicas(run_dir, replicas, backend, host, port, args, actor, ray_address, 30.0)
+    if tp > 1 or ep > 1:
+        from gigafactory.serve.parallel import serve_parallel
+
+        return serve_parallel(run_dir, tp, ep, host, port, personas, config, health_timeout, weights, options)
     state = build_state(run_dir, personas, config, health_timeout, weights)
     auth = f", {len(keys)} API key(s)" if keys else ""
     print(f"serving {len(state.personas)} personas from {run_dir} on http://{host}:{port}/v1{auth}", flush=True)

@@ -98,7 +98,8 @@ class Engine:
         self.metrics = metrics or ServeMetrics()
         param = next(model.parameters())
         self.device = param.device
-        per_block = BlockPool.bytes_per_block(self.spec, cfg.block_size, param.dtype)
+        kv_heads = getattr(model, "kv_heads", None)  # a tensor-parallel rank's share (`serve.parallel`)
+        per_block = BlockPool.bytes_per_block(self.spec, cfg.block_size, param.dtype, kv_heads)
         num_blocks = int(cfg.kv_cache_mb * 2**20 // per_block)
         need = -(-self.spec.max_seq_len // cfg.block_size)
         if num_blocks < need:
@@ -106,7 +107,7 @@ class Engine:
                 f"--kv-cache-mb {cfg.kv_cache_mb} holds {num_blocks} blocks; one full-context sequence needs "
                 f"{need} ({need * per_block / 2**20:.2f} MB)"
             )
-        self.pool = BlockPool(self.spec, num_blocks, cfg.block_size, self.device, param.dtype)
+        self.pool = BlockPool(self.spec, num_blocks, cfg.block_size, self.device, param.dtype, kv_heads)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._inbox: deque[Sequence] = deque()

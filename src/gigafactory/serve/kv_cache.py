@@ -60,10 +60,12 @@ def block_hashes(tokens: list[int], block_size: int) -> list[bytes]:
 
 class BlockPool:
     def __init__(
-        self, spec: ModelSpec, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
+        self, spec: ModelSpec, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+        kv_heads: int | None = None,
+    ) -> None:  # fmt: skip
+        """`kv_heads`: the heads this rank keeps (a tensor-parallel rank holds n_kv_heads / tp); default all."""
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (spec.n_layers, num_blocks, spec.n_kv_heads, block_size, spec.head_dim)
+        shape = (spec.n_layers, num_blocks, kv_heads or spec.n_kv_heads, block_size, spec.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # Padding tokens are never attended to (as in the model's own cache), so each slot remembers it.
@@ -77,9 +79,9 @@ class BlockPool:
         self.prefix_hits = 0
 
     @staticmethod
-    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype, kv_heads: int | None = None) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
-        return 2 * spec.n_layers * spec.n_kv_heads * block_size * spec.head_dim * elem
+        return 2 * spec.n_layers * (kv_heads or spec.n_kv_heads) * block_size * spec.head_dim * elem
 
     def available(self) -> int:
         return len(self.free) + len(self.evictable)
