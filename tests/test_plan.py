@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,55 @@ def test_validation_meets_the_bar() -> None:
     assert {"id", "reported", "predicted", "rel_error", "fits_memory", "stack"} <= set(res["rows"][0])
     moe = validate_csv(MOE_CSV)  # never fitted: a looser bar, the numbers are in docs/plan.md
     assert moe["rows_not_fitting_memory"] == 0 and moe["max_abs_rel_error"] <= 0.25
+
+
+MORE_CSV = CSV.with_name("more_runs.csv")  # "check" rows: predicted only, never used to choose a constant
+
+
+@pytest.fixture(scope="module")
+def more_runs() -> dict:
+    from gigafactory.plan.validate import validate_csv
+
+    return validate_csv(MORE_CSV)
+
+
+def test_check_rows_physics_that_matters(more_runs) -> None:
+    """Each piece of physics the second pass added is needed by some check rows: break it and this fails."""
+    errs = {r["id"]: r["rel_error"] for r in more_runs["rows"]}
+    fits = {r["id"]: r["fits_memory"] for r in more_runs["rows"]}
+    titan = [k for k in errs if k.startswith("TITAN-")]
+    # torchtitan's FSDP2 shards over every data-parallel rank (replicating Llama 3 8B on 64 A100s does not fit)
+    assert sum(fits[k] for k in titan) >= 3
+    # eager PyTorch norms / RoPE / SwiGLU move their bytes op by op: without that the A100 rows are 12-30 % fast
+    assert max(abs(errs[k]) for k in titan if fits[k]) <= 0.10
+    # Llama 3 interleaved its pipeline without saying how finely: ~2 layers per virtual stage, not one chunk
+    llama = [k for k in errs if k.startswith("LLAMA3-405B")]
+    assert len(llama) == 3 and max(abs(errs[k]) for k in llama) <= 0.20
+    lay = next(r["layout"] for r in more_runs["rows"] if r["id"] == llama[0])
+    assert lay["pp_schedule"] == "interleaved" and lay["pp_virtual"] == 4  # 126 layers / 16 ranks ≈ 8 → 4 × 2
+
+
+def test_default_virtual_stages() -> None:
+    from gigafactory.plan.costmodel import default_virtual_stages
+
+    assert default_virtual_stages(80, 8) == 5  # NeMo's Llama 3 70B recipe: pp 8, vp 5
+    assert default_virtual_stages(96, 8) == 6  # GPT-3 175B: pp 8, vp 6
+    assert default_virtual_stages(4, 4) == 2  # one layer per rank still needs two chunks to interleave
+
+
+@pytest.mark.xfail(strict=True, reason="held-out bar not reached yet: MT-NLG (DeepSpeed) +30-36 %, Llama 3 and "
+                   "Nemotron-4 ±12-15 %; see docs/plan.md")
+def test_check_rows_meet_the_held_out_bar(more_runs) -> None:
+    assert more_runs["median_abs_rel_error"] <= 0.05 and more_runs["max_abs_rel_error"] <= 0.25
+
+
+def test_eager_elementwise_costs_more_than_fused() -> None:
+    g = PRESETS["tiny"]
+    lay = Layout(dp_shard=8)
+    cl = Cluster.of(get_gpu("a100-80g"), 8)
+    eager = estimate(g, lay, cl, 8, 2048, MODERN, with_bytes=False)
+    fused = estimate(g, lay, cl, 8, 2048, replace(MODERN, fused_elementwise=True), with_bytes=False)
+    assert eager.compute_s > fused.compute_s
 
 
 def test_rows_that_do_not_fit_are_counted_apart(tmp_path) -> None:
@@ -290,6 +340,17 @@ def test_validate_plan_cli_json() -> None:
     assert len(out["rows"]) == len(CSV.read_text().strip().splitlines()) - 1
 
 
+def test_validate_plan_takes_several_files() -> None:
+    r = _cli("validate-plan", str(CSV), str(MORE_CSV), "--json")
+    assert r.returncode == 0, r.stderr
+    files = json.loads(r.stdout)["files"]
+    assert [f["file"] for f in files] == [str(CSV), str(MORE_CSV)]
+    assert [len(f["rows"]) for f in files] == [len(p.read_text().strip().splitlines()) - 1 for p in (CSV, MORE_CSV)]
+    assert files[0]["max_abs_rel_error"] <= 0.15  # the fit rows keep their bar
+    bad = _cli("validate-plan", str(CSV), "/nonexistent/runs.csv")
+    assert bad.returncode != 0 and "runs.csv not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_plan_does_not_import_torch() -> None:
     code = "import sys, gigafactory.plan.commands, gigafactory.plan.search, gigafactory.specs.hardware; " \
            "print('torch' in sys.modules)"
@@ -383,10 +444,33 @@ def test_selective_recompute_with_flash_attention_drops_ffn_activations() -> Non
     dropped = 8192 * (4 * (g2.top_k * g2.expert_ffn + g2.dense_ffn) + 2 * g2.d_model)
     assert none - sel == pytest.approx(dropped)
     cl = Cluster.of(get_gpu("h100-sxm"), 64)
-    t_none = estimate(g2, lay, cl, 64, 8192, with_bytes=False)
-    t_sel = estimate(g2, lay.model_copy(update={"recompute": "selective"}), cl, 64, 8192, with_bytes=False)
-    t_full = estimate(g2, lay.model_copy(update={"recompute": "full"}), cl, 64, 8192, with_bytes=False)
+    fused = replace(MODERN, fused_elementwise=True)  # fused norms/activations: recomputing them is nearly free
+    t_none = estimate(g2, lay, cl, 64, 8192, fused, with_bytes=False)
+    t_sel = estimate(g2, lay.model_copy(update={"recompute": "selective"}), cl, 64, 8192, fused, with_bytes=False)
+    t_full = estimate(g2, lay.model_copy(update={"recompute": "full"}), cl, 64, 8192, fused, with_bytes=False)
     assert t_none.step_time_s < t_sel.step_time_s < 1.02 * t_none.step_time_s < t_full.step_time_s
+    # eager PyTorch redoes its fp32 norms op by op: selective costs more there, still far less than full
+    e_none = estimate(g2, lay, cl, 64, 8192, with_bytes=False)
+    e_sel = estimate(g2, lay.model_copy(update={"recompute": "selective"}), cl, 64, 8192, with_bytes=False)
+    assert t_sel.step_time_s / t_none.step_time_s < e_sel.step_time_s / e_none.step_time_s < 1.1
+
+
+def test_activation_bytes_fused_and_fp8_by_hand() -> None:
+    from gigafactory.plan.costmodel import layer_activation_bytes
+
+    g = PRESETS["grok-2"]
+    lay = Layout(dp_shard=8, ep=8)
+    s = 4096
+    fused = replace(MODERN, fused_elementwise=True)
+    ffn = g.top_k * g.expert_ffn + g.dense_ffn
+    # eager SwiGLU also keeps silu(gate) for the product's backward: 2 bytes per gated element
+    assert layer_activation_bytes(g, lay, MODERN, s) - layer_activation_bytes(g, lay, fused, s) == pytest.approx(
+        s * 2 * ffn)
+    # FP8 (Transformer Engine) keeps each GEMM input in 1 byte: QKV, output projection, up and down projections
+    q = g.n_heads * g.head_dim
+    saved = s * (g.d_model + q + g.top_k * g.d_model + ffn)
+    assert layer_activation_bytes(g, lay, fused, s) - layer_activation_bytes(g, lay, fused, s, fp8=True) == \
+        pytest.approx(saved)
 
 
 def test_fp8_gemms_by_hand() -> None:

@@ -44,7 +44,9 @@ class Stack:
     Megatron-style (gradients reduced and parameters gathered once per step, optimizer sharded when
     ``distributed_optimizer``). ``kernels_per_layer`` and ``kernel_gap_s``: GPU kernels a forward layer launches and
     the idle gap between two of them (launch latency not hidden, tail of the previous kernel); backward launches
-    twice as many.
+    twice as many. ``fused_elementwise``: norms, rotary embedding and gated activations run as fused kernels (one
+    read and one write, apex / Transformer Engine / torch.compile); False is eager PyTorch, where every op of an
+    RMSNorm, RoPE or SwiGLU reads and writes HBM and the norm works in fp32 (`EAGER_BYTES`).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Stack:
     fsdp: bool = True
     kernels_per_layer: int = 24
     kernel_gap_s: float = 2e-6
+    fused_elementwise: bool = True
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
@@ -91,7 +94,7 @@ DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0,
 # layer's gather and overlapped reduce-scatter, async TP hides about half of TP traffic; eager PyTorch launches
 # more kernels per layer than the fused frameworks.
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
-               distributed_optimizer=True, kernels_per_layer=32)
+               distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False)
 TORCHTITAN = MODERN
 STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
 # other spellings a validation file may use
@@ -346,6 +349,16 @@ def _gemm_time(m: float, n: float, k: float, gpu: GPUSpec, count: float = 1.0, f
     return count * (max(flops / rate, nbytes / bw) + cast)
 
 
+# HBM bytes per element that eager PyTorch moves, counted op by op in the forward pass (backward: twice that, as
+# for every elementwise term here). RMSNorm in fp32 as torchtitan and gigafactory's model write it,
+# x.float() → pow → mean → rsqrt·x → ·weight → .to(bf16): 2+4, 4+4, 4, 4+4, 4+4, 4+2 = 40 bytes per element
+# (fused: read 2, write 2). RoPE on q and k in fp32 (float cast, rotate, two products, add, cast back): ~24 bytes per
+# q/k element (fused into the attention prologue: 0). Gated activation silu(a)·b as two ops: 2+2, 4+2 = 10 bytes
+# per FFN element (fused: 6).
+EAGER_BYTES = {"norm": 40, "rope": 24, "gated_act": 10}
+FUSED_BYTES = {"norm": 4, "rope": 0, "gated_act": 6}
+
+
 @dataclass(frozen=True)
 class _LayerTime:
     fwd: float  # forward compute time of one layer for one micro-batch
@@ -400,8 +413,10 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     # elementwise bytes per token, forward: norms read+write 4h each, residual add 6h (+3h dropout),
     # activation functions read their inputs and write the output (gated: 2 in 1 out per routed copy).
     norms = spec.norm_params_per_layer // h
-    token_bytes = (norms * 4 * h + 2 * (6 + (3 if stack.dropout else 0)) * h) / sp
-    token_bytes += 6 * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+    eb = FUSED_BYTES if stack.fused_elementwise else EAGER_BYTES
+    token_bytes = (norms * eb["norm"] * h + 2 * (6 + (3 if stack.dropout else 0)) * h) / sp
+    token_bytes += eb["gated_act"] * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+    token_bytes += eb["rope"] * (q + kv) / t
     if spec.n_experts > 1:
         token_bytes += 2 * 2 * spec.top_k * h / sp  # permute tokens to experts and back
     elem = (T * token_bytes + scores_bytes) / bw
@@ -413,7 +428,8 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     elif lay.recompute == "selective" and stack.flash_attention:
         # Megatron-Core --recompute-modules moe_act layernorm: the FFN activation functions and the norms
         # are redone in backward (elementwise traffic only)
-        rec = T * (6 * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t + norms * 4 * h / sp) / bw
+        rec = T * (eb["gated_act"] * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+                   + norms * eb["norm"] * h / sp) / bw
     elif lay.recompute == "selective":
         rec = attn_fwd + scores_bytes / bw
     else:
@@ -421,8 +437,9 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     return _LayerTime(fwd, bwd, rec, attn_flops)
 
 
-def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int) -> float:
-    """Activation bytes one layer keeps for one micro-batch on one GPU (Korthikanti et al. generalised)."""
+def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int, fp8: bool = False) -> float:
+    """Activation bytes one layer keeps for one micro-batch on one GPU (Korthikanti et al. generalised). Under FP8,
+    Transformer Engine keeps the FP8 cast of each GEMM's input for the weight gradient (1 byte, not 2)."""
     t = lay.tp
     sp = t if stack.sequence_parallel else 1
     T = lay.micro_batch * seq / lay.cp
@@ -433,9 +450,10 @@ def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int)
         return 2 * T * h / sp
     norms = spec.norm_params_per_layer // h
     drop = 1 if stack.dropout else 0
+    gemm_in = 1 if fp8 else 2  # bytes per element of a saved GEMM input
     per_tok = norms * 2 * h / sp  # norm inputs
-    per_tok += (2 * h + drop * 2 * h) / sp  # QKV input, attention-output and MLP dropout masks
-    per_tok += (2 * q + 4 * kv + 2 * q) / t  # Q, K, V, output-projection input
+    per_tok += (gemm_in * h + drop * 2 * h) / sp  # QKV input, attention-output and MLP dropout masks
+    per_tok += (2 * q + 4 * kv + gemm_in * q) / t  # Q, K, V, output-projection input
     if stack.flash_attention:
         per_tok += 4 * spec.n_heads / t  # softmax log-sum-exp (fp32)
     elif lay.recompute != "selective":
@@ -443,10 +461,15 @@ def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int)
     # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy); with flash
     # attention "selective" recomputes the activation functions and norms instead (Megatron-Core recompute
     # modules moe_act + layernorm): the activation and product (4f) and the norm outputs (the QKV input) go
-    ffn_per = 4 if (lay.recompute == "selective" and stack.flash_attention) else 8
-    if ffn_per == 4:
-        per_tok -= 2 * h / sp
-    per_tok += spec.top_k * (2 * h / sp + ffn_per * spec.expert_ffn / t)
+    # Fused kernels keep the gate and up outputs and the product (the down projection's input): 6 bytes per gated
+    # element, which for a two-matrix GELU FFN of width F = 1.5 f is Korthikanti's 4F (fc1 output, GELU output).
+    # Eager PyTorch also keeps the activation's output (silu(a) for the product's backward): 8.
+    ffn_per = 6 if stack.fused_elementwise else 8
+    if lay.recompute == "selective" and stack.flash_attention:
+        ffn_per = 4
+        per_tok -= gemm_in * h / sp
+    ffn_per -= 2 - gemm_in  # the product is the down projection's GEMM input
+    per_tok += spec.top_k * (gemm_in * h / sp + ffn_per * spec.expert_ffn / t)
     if spec.dense_ffn:
         per_tok += ffn_per * spec.dense_ffn / t
     if spec.n_experts > 1:
@@ -759,12 +782,12 @@ def estimate(
     if fsdp_shard > 1:
         per_layer = parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))
         mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
-    act_layer = layer_activation_bytes(spec, lay, stack, seq_len)
+    act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8)
     in_flight = in_flight_microbatches(lay, n_micro)
     act_mem = layers_local * act_layer * in_flight
     if lay.recompute == "full":
         full = lay.model_copy(update={"recompute": "none"})
-        act_mem += layer_activation_bytes(spec, full, stack, seq_len)  # one layer rebuilt during backward
+        act_mem += layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
     mem["activations"] = act_mem
     mem["logits"] = T * spec.vocab_size / lay.tp * (2 + 4 + 4)  # bf16 logits, fp32 softmax and its grad
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
