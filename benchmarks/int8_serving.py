@@ -3,8 +3,8 @@
 Prints, for a preset (default `small`, random weights) and for `--weights int8` (`gigafactory.interop.int8`):
 - resident weight bytes (every parameter and buffer) of the fp32 model, the same model in bf16, and int8;
   and the bytes of the quantised matrices alone (attention, experts, dense FFN) against bf16;
-- decode speed (greedy, KV cache, batch 1) in tokens/s of fp32 and int8, alternating rounds so that background
-  load hits both alike; medians are reported;
+- decode speed (greedy, KV cache, batch 1) and prefill speed (4 x 128 tokens) in tokens/s of fp32 and int8,
+  alternating rounds so that background load hits both alike; medians are reported;
 - agreement of the greedy tokens over the same generation (teacher-forced on the fp32 output).
 
     .venv/bin/python benchmarks/int8_serving.py [--model small] [--tokens 48] [--rounds 3]
@@ -65,10 +65,20 @@ def main() -> None:
                 rate, outputs[name] = decode_rate(model, prompt, args.tokens)
                 rates[name].append(rate)
         seq = torch.tensor([prompt + outputs["fp32"]])
+        prefill: dict[str, list[float]] = {"fp32": [], "int8": []}
+        batch = torch.randint(1, spec.vocab_size, (4, 128), generator=torch.Generator().manual_seed(1))
+        for _ in range(args.rounds):
+            for name, model in (("fp32", full), ("int8", int8)):
+                start = time.perf_counter()
+                model(batch)
+                prefill[name].append(batch.numel() / (time.perf_counter() - start))
         a, b = full(seq)[0, len(prompt) - 1 : -1], int8(seq)[0, len(prompt) - 1 : -1]
     fp, q = statistics.median(rates["fp32"]), statistics.median(rates["int8"])
     print(f"decode (greedy, batch 1, {args.tokens} tokens, 1 thread): fp32 {fp:.1f} tok/s, int8 {q:.1f} tok/s "
           f"(int8 / fp32 = {q / fp:.2f})")
+    pf, pq = statistics.median(prefill["fp32"]), statistics.median(prefill["int8"])
+    print(f"prefill (4 x 128 tokens, one forward): fp32 {pf:.0f} tok/s, int8 {pq:.0f} tok/s "
+          f"(int8 / fp32 = {pq / pf:.2f})")
     same = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     rel = ((a - b).pow(2).mean() / a.pow(2).mean()).sqrt().item()
     print(f"greedy tokens equal to fp32's (teacher-forced): {same:.1%}; logits relative RMS difference {rel:.3f}")
