@@ -94,6 +94,11 @@ def test_release_checkpoint_reproduces_the_original_logits(tmp_path):
     raw = (ckpt / "tensor00006_000").read_bytes()  # layer 0 attention output: int8 + 8 groups of bf16 scales
     strings = [arg for op, arg, _ in pickletools.genops(raw) if op.name == "SHORT_BINUNICODE"]
     assert strings[:2] == ["__main__", "QuantizedWeight8bit"] and "numpy.core.multiarray" in strings
+    # Byte signatures that public parsers of the real ckpt-0 files key on (protocol 4, the record's global,
+    # numpy's dtype reduce `dtype('i1', False, True)` / `dtype('f4', ...)`).
+    assert raw.startswith(b"\x80\x04") and b"\x8c\x08__main__\x94\x8c\x13QuantizedWeight8bit\x94" in raw
+    assert b"\x8c\x02i1\x94\x89\x88\x87" in raw
+    assert b"\x8c\x02f4\x94\x89\x88\x87" in (ckpt / "tensor00001_000").read_bytes()
     q = grok1.read_tensor(ckpt / "tensor00006_000")
     assert q.weight.dtype == np.int8 and str(q.scales.dtype) == "bfloat16" and q.scales.shape == (8, spec.d_model)
     assert grok1.read_tensor(ckpt / "tensor00001_000").dtype == np.float32
