@@ -179,8 +179,8 @@ def test_default_virtual_stages() -> None:
     assert default_virtual_stages(4, 4) == 2  # one layer per rank still needs two chunks to interleave
 
 
-@pytest.mark.xfail(strict=True, reason="held-out bar not reached yet: MT-NLG (DeepSpeed) +30-36 %, Llama 3 and "
-                   "Nemotron-4 ±12-15 %; see docs/plan.md")
+@pytest.mark.xfail(strict=True, reason="held-out bar not reached yet: MT-NLG (DeepSpeed) +30-36 %, small "
+                   "single-micro-batch H100 runs +8-30 %, Llama 3 / Nemotron-4 ±12-15 %; see docs/plan.md")
 def test_check_rows_meet_the_held_out_bar(more_runs) -> None:
     assert more_runs["median_abs_rel_error"] <= 0.05 and more_runs["max_abs_rel_error"] <= 0.25
 
