@@ -16,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from gigafactory.model.grok import GrokModel
+from gigafactory.model.init import materialize
 from gigafactory.parallel.comm import CommCounter
 from gigafactory.parallel.expert import apply_ep
 from gigafactory.parallel.fsdp import apply_fsdp, apply_recompute
@@ -109,8 +110,17 @@ class _null:
 
 
 def parallelize(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
-                seq_len: int) -> Parallelized:
-    """Apply the layout to `model` in place (or cut it into this rank's pipeline stage)."""
+                seq_len: int, seed: int = 0) -> Parallelized:
+    """Apply the layout to `model` in place (or cut it into this rank's pipeline stage). A model built on the
+    ``meta`` device is split there and only then gets memory: this rank's shards, initialised from (seed, name,
+    global index) by `model.init.materialize`, so every layout starts from one process's weights."""
+    out = _apply_layout(model, meshes, device, n_micro, micro_batch, seq_len)
+    materialize(out.model, model.spec, device, seed)
+    return out
+
+
+def _apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
+                  seq_len: int) -> Parallelized:
     lay = meshes.layout
     if lay.pp > 1:
         pipe = Pipeline(model, lay, meshes.pp.get_group(), device, n_micro, micro_batch, seq_len)

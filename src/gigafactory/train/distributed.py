@@ -72,8 +72,11 @@ class Ranks:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+    def parallelize(self, model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+        """Give a meta-device model its memory and initial weights (`model.init`)."""
+        from gigafactory.model.init import materialize
+
+        return materialize(model, model.spec, self.device, seed)  # type: ignore[arg-type]
 
     def shard(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's share of a global micro-batch (its data-parallel slice)."""
@@ -149,13 +152,13 @@ class Distributed(Ranks):
         self.dp_rank = 0
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+    def parallelize(self, model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         from gigafactory.parallel import CommCounter, build_meshes, parallelize
 
         meshes = build_meshes(self.layout, self.device.type)
         self.dp_rank = meshes.dp.get_local_rank()
-        self.par = parallelize(model, meshes, self.device, self.cfg.grad_accum, self.local_micro,
-                               self.seq_len)  # type: ignore[arg-type]
+        self.par = parallelize(model, meshes, self.device, self.cfg.grad_accum, self.local_micro,  # type: ignore[arg-type]
+                               self.seq_len, seed=seed)
         self.pipeline = self.par.pipeline
         self.counter = CommCounter()
         return self.par.model

@@ -146,11 +146,14 @@ class Trainer:
             self._save_run_files()
 
         torch.manual_seed(cfg.seed)
-        self.model = GrokModel(self.spec).to(self.device)
+        # Built on `meta` (no memory), laid out, then only this rank's shards are allocated and initialised
+        # from (seed, name, global index): the same weights under every layout (`model.init`).
+        with torch.device("meta"):
+            model = GrokModel(self.spec)
         micro = cfg.batch_size // cfg.grad_accum
-        for moe in self.model.moe_layers():
+        for moe in model.moe_layers():
             moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
-        self.model = self.dist.parallelize(self.model)
+        self.model = self.dist.parallelize(model, seed=cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = datalib.BatchSampler(self.data.train, micro, self.seq_len, cfg.seed)
         self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
