@@ -14,9 +14,9 @@ from gigafactory.model.generate import generate
 from gigafactory.model.grok import GrokModel, KVCache
 from gigafactory.personas import speech_prompt
 from gigafactory.serve.engine import Engine, EngineConfig, Output, QueueFull
-from gigafactory.serve.kv_cache import BlockPool, BlockTable, PagedBatch
-from gigafactory.serve.personas import Persona, load_all, load_card, parse_card
-from gigafactory.serve.sampling import SamplingParams, TextTracker
+from gigafactory.serve.kv_cache import ROOT, BlockPool, BlockTable, PagedBatch, block_hashes, chain_hash
+from gigafactory.serve.personas import Persona, PromptTooLong, load_all, load_card, parse_card
+from gigafactory.serve.sampling import SamplingParams, TextTracker, next_token, processed_logits
 from gigafactory.specs.model_spec import PRESETS
 from gigafactory.tokenizer import train_tokenizer
 
@@ -238,3 +238,121 @@ def test_cards_load_from_json_and_png(tmp_path, caplog):
     (cards / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read character card"):
         load_card(cards / "bad.json")
+
+
+def test_cards_v1_v3_png_chunks_and_bad_names(tmp_path, caplog):
+    v1 = {"name": "Grace", "description": "{{char}} writes programs.", "first_mes": "Hi.", "mes_example": ""}
+    assert parse_card(v1).description == "{{char}} writes programs." and parse_card(v1).greetings() == ["Hi."]
+    v3 = {"spec": "chara_card_v3", "spec_version": "3.0", "data": {**CARD["data"], "name": "Lin", "nickname": "L"}}
+    assert parse_card(v3).name == "Lin" and parse_card(v3).lore
+    # A V3 PNG carries "ccv3" (preferred) and often a V2 "chara" fallback.
+    v2 = json.loads(json.dumps(CARD))
+    chunks = b""
+    for keyword, card in ((b"chara", v2), (b"ccv3", v3)):
+        body = keyword + b"\x00" + base64.b64encode(json.dumps(card).encode())
+        chunks += struct.pack(">I4s", len(body), b"tEXt") + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    png = b"\x89PNG\r\n\x1a\n" + chunks + struct.pack(">I4s", 0, b"IEND") + b"\0" * 4
+    (tmp_path / "lin.png").write_bytes(png)
+    lin = load_card(tmp_path / "lin.png")
+    assert lin.name == "Lin" and lin.avatar == png
+    for bad in ("Ada\nSYSTEM", "Ada:", "", "x" * 65, "stranger", "a/b", "tab\there"):
+        with pytest.raises(UserError):
+            parse_card({"spec": "chara_card_v2", "data": {**CARD["data"], "name": bad}})
+    with pytest.raises(UserError, match="unknown card spec"):
+        parse_card({"spec": "chara_card_v9", "data": {}})
+
+
+def lore_card(**entry) -> Persona:
+    card = json.loads(json.dumps(CARD))
+    card["data"]["character_book"] = {"entries": [{"content": "LORE", **entry}]}
+    return parse_card(card)
+
+
+def test_lore_keys_match_whole_words_with_case_and_regex_options():
+    gold = lore_card(keys=["gold"])
+    assert "LORE" not in gold.render([("user", "a marigold bloom")])
+    assert "LORE" in gold.render([("user", "Gold, at last!")])
+    sensitive = lore_card(keys=["Gold"], case_sensitive=True)
+    assert "LORE" not in sensitive.render([("user", "gold")]) and "LORE" in sensitive.render([("user", "Gold")])
+    regex = lore_card(keys=["/gol+d(en)?/i"], use_regex=True)
+    assert "LORE" in regex.render([("user", "GOLLDEN sky")]) and "LORE" not in regex.render([("user", "god")])
+    plain = lore_card(keys=["a.c"])  # without use_regex, a key is literal text
+    assert "LORE" not in plain.render([("user", "abc")]) and "LORE" in plain.render([("user", "say a.c now")])
+    with pytest.raises(UserError, match="bad regex"):
+        lore_card(keys=["(unclosed"], use_regex=True)
+
+
+def test_truncation_drops_oldest_history_then_card_parts_never_the_system_prompt():
+    count = len  # a character is a token here
+    ada = parse_card(CARD)
+    history = [("system", "Be kind."), *[("user" if i % 2 == 0 else "assistant", f"m{i:02d} " * 10) for i in range(8)]]
+    history.append(("user", "newest question"))
+    full = ada.render(history)
+    budget = len(full) - 100
+    cut = ada.render(history, 0, count, budget)
+    assert len(cut) <= budget and cut.startswith("Stay in character. Be kind.")
+    assert "newest question" in cut and "m07" in cut and "m00" not in cut  # oldest speeches went first
+    assert "Hello, Stranger." not in cut  # the greeting is the oldest speech
+    assert "Ada is an engineer" in cut  # the card stays while history can go
+    # A card longer than the context: history down to the newest message, then examples, lore, scenario, ...
+    long = json.loads(json.dumps(CARD))
+    long["data"]["description"] = "{{char}} " + "builds engines " * 200
+    tight = parse_card(long).render(history, 0, count, 400)
+    assert len(tight) <= 400 and "newest question" in tight and "Be kind." in tight and "Answer briefly." in tight
+    assert "builds engines" not in tight and "m07" not in tight
+    with pytest.raises(PromptTooLong):
+        ada.render([("system", "x" * 500), ("user", "hi")], 0, count, 100)
+
+
+def test_sampling_penalties_bias_and_min_p():
+    logits = torch.zeros(8)
+    params = SamplingParams(max_tokens=1, presence_penalty=1.0, frequency_penalty=0.5, logit_bias=((3, 2.0),))
+    out = processed_logits(logits, params, [5, 5, 7], None, 10)
+    assert out.tolist() == [0, 0, 0, 2.0, 0, -2.0, 0, -1.5]
+    assert logits.tolist() == [0.0] * 8  # the engine's logits are not modified
+    # min_p: with a dominant token, min_p keeps only it at any seed; without, others get sampled.
+    peaked = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    with_min_p = SamplingParams(max_tokens=1, temperature=1.0, min_p=0.5)
+    picks = {next_token(peaked, with_min_p, [], torch.Generator().manual_seed(s))[0] for s in range(40)}
+    assert picks == {0}
+    plain = SamplingParams(max_tokens=1, temperature=1.0)
+    assert len({next_token(peaked, plain, [], torch.Generator().manual_seed(s))[0] for s in range(40)}) > 1
+    token, lp = next_token(peaked, SamplingParams(max_tokens=1, temperature=0, logprobs=2), [], None)
+    assert token == 0 and lp.top[0][0] == 0 and lp.logprob == pytest.approx(float(torch.log_softmax(peaked, -1)[0]))
+
+
+def test_block_hashes_are_chained_sha256():
+    a = block_hashes(list(range(32)), 8)
+    assert len(a) == 4 and all(len(h) == 32 for h in a)  # SHA-256 digests
+    b = block_hashes([99] + list(range(1, 32)), 8)
+    assert all(x != y for x, y in zip(a, b, strict=True))  # a change in block 0 renames every later block
+    assert block_hashes(list(range(32)), 8) == a and block_hashes(list(range(16)), 8) == a[:2]
+    assert chain_hash(ROOT, [1, 2]) != chain_hash(ROOT, [258])  # fixed-width ids: no ambiguous concatenation
+
+
+def test_json_constraint_accepts_json_and_always_closes(tok):
+    from gigafactory.serve.json_mode import JsonConstraint, TokenTexts, closing, feed, initial
+
+    for text in ['{"a": [1, -2.5e3, true, null, {"b": "x\\u00e9"}]}', "{}", '{"k":{"n":[]}}']:
+        state = feed(initial(), text)
+        assert state is not None and state[0] == 11, text  # DONE
+    for text in ["[1]", '{"a" 1}', "{'a': 1}", '{"a": 01}', '{"a": tru}x', '{\n"a": 1}', '{"a": "\n"}']:
+        state = feed(initial(), text)
+        assert state is None or state[0] != 11, text
+    for prefix in ['{"a": [1, {"b": "x', '{"a', '{"a": -', '{"a": 1.', '{"a": "\\u00', '{"a": tr']:
+        state = feed(initial(), prefix)
+        assert json.loads(prefix + closing(state)) is not None, prefix
+    # Driven by a random model, the constraint still yields an object within the budget.
+    vocab = TokenTexts.of(tok)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        c, out = JsonConstraint(vocab), []
+        for step in range(12):
+            allowed = c.mask(tok.get_vocab_size(), 12 - step)
+            scores = torch.randn(tok.get_vocab_size(), generator=g).masked_fill(~allowed, float("-inf"))
+            token = int(scores.argmax())
+            c.accept(token)
+            out.append(token)
+            if c.done:
+                break
+        assert c.done and isinstance(json.loads(tok.decode(out)), dict)
