@@ -217,7 +217,14 @@ def test_hf_export_import_round_trip_is_bitwise(tmp_path, cli, shape):
     with safe_open(str(out / index["model.layers.1.moe_block.experts.2.linear.weight"]), "pt") as f:
         gate = f.get_tensor("model.layers.1.moe_block.experts.2.linear.weight")  # HF: the GELU-gated branch
     assert torch.equal(gate, model.layers["1"].moe.experts.w_gate[2].t())
-    write_run(back, hf.load_hf(out)[0], out, {})  # `import hf` on the command line: see the next test
+    if spec.dense_ffn:  # the command line, for a folder without tokenizer files
+        (out / "tokenizer.model").unlink()
+        with pytest.raises(UserError, match="no tokenizer.json or tokenizer.model.*--tokenizer grok-1"):
+            write_run(back, model, out, {})
+        cli("import", "hf", str(out), "--run-dir", str(back), "--tokenizer", "grok-1", check=True)
+        assert (back / "tokenizer.model").read_bytes() == toklib.grok1_model_path().read_bytes()
+    else:
+        write_run(back, hf.load_hf(out)[0], out, {})
     loaded, _, _ = load_for_inference(back)
     assert loaded.spec == spec
     a, b = model.state_dict(), loaded.state_dict()

@@ -69,7 +69,8 @@ def write_run(run_dir: Path, model: Any, tokenizer: str | Path, meta: dict[str, 
     if tokenizer == toklib.GROK1:
         toklib.install_grok1(run_dir)
     elif not toklib.copy_tokenizer(Path(tokenizer), run_dir):
-        raise UserError(f"{tokenizer} has no tokenizer.json or tokenizer.model; add the model's tokenizer file")
+        raise UserError(f"{tokenizer} has no tokenizer.json or tokenizer.model; add the model's tokenizer file "
+                        "(or pass --tokenizer grok-1 for the Grok-1 tokenizer)")
     if not (run_dir / PERSONAS_FILE).is_file():
         atomic_write_text(run_dir / PERSONAS_FILE, json.dumps({DEFAULT_PERSONA: 1}))
     atomic_write_text(run_dir / "spec.json", json.dumps(model.spec.model_dump(), indent=1))
