@@ -66,6 +66,11 @@ class Stack:
     kernels_per_layer: int = 24
     kernel_gap_s: float = 2e-6
     fused_elementwise: bool = True
+    # bytes per logit element at the loss's peak: bf16 logits + fp32 copy + fp32 softmax/log-softmax kept for
+    # backward (10, PyTorch's cross_entropy on .float() logits); Megatron-Core's vocab-parallel cross entropy casts
+    # once and then works in place (max, exp, normalise, gradient all on the same fp32 buffer, which it saves for
+    # backward: megatron/core/tensor_parallel/cross_entropy.py), so bf16 + fp32 = 6.
+    logits_bytes: int = 10
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
@@ -76,12 +81,13 @@ MEGATRON_2021 = Stack("megatron-2021", flash_attention=False, dp_overlap=0.0, tp
 # Megatron-Core r0.8 (2024, the README's H100 table): flash attention (cuDNN/TE), distributed optimizer with
 # --overlap-grad-reduce and --overlap-param-gather, TE's TP communication overlap hides about half of TP traffic.
 MEGATRON_CORE_2024 = Stack("megatron-core-2024", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5,
-                           pp_overlap=0.5, distributed_optimizer=True, fsdp=False, kernels_per_layer=20)
+                           pp_overlap=0.5, distributed_optimizer=True, fsdp=False, kernels_per_layer=20,
+                           logits_bytes=6)
 # NeMo / Megatron-Bridge 25.x: Megatron-Core 0.13+ with Transformer Engine, grouped GEMMs for experts, fused
 # permutation; EP all-to-all still on the critical path unless --overlap-moe-expert-parallel-comm (not in the
 # published recipes we use).
 NEMO_2025 = Stack("nemo-2025", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5,
-                  distributed_optimizer=True, fsdp=False, kernels_per_layer=20)
+                  distributed_optimizer=True, fsdp=False, kernels_per_layer=20, logits_bytes=6)
 # Megatron-DeepSpeed 3D parallelism as BLOOM and MT-NLG ran it (2021-22): Megatron's TP and kernels, DeepSpeed's
 # pipeline engine, ZeRO-1 over data parallelism (optimizer sharded, gradients reduced after the backward pass),
 # unfused softmax attention with dropout.
@@ -489,6 +495,19 @@ def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
     return float(min(lay.pp, n_micro))
 
 
+def in_flight_last_stage(lay: Layout, n_micro: int) -> float:
+    """Micro-batches whose activations the last pipeline stage holds at its peak: one under 1F1B (each forward is
+    followed by its backward); interleaved, Megatron-LM's warm-up (core/pipeline_parallel/schedules.py:
+    (p − rank − 1)·2 + (v − 1)·p model chunks) leaves the last rank (v−1)·p + 1 chunks of 1/v of its layers."""
+    if lay.pp == 1:
+        return 1.0
+    if lay.pp_schedule == "gpipe":
+        return float(n_micro)
+    if lay.pp_virtual > 1:
+        return min(float(n_micro), ((lay.pp_virtual - 1) * lay.pp + 1) / lay.pp_virtual)
+    return 1.0
+
+
 # ---- collectives ------------------------------------------------------------------------------------------
 def collective_bytes(
     spec: ModelSpec,
@@ -783,13 +802,15 @@ def estimate(
         per_layer = parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))
         mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
     act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8)
-    in_flight = in_flight_microbatches(lay, n_micro)
-    act_mem = layers_local * act_layer * in_flight
+    rebuilt = 0.0
     if lay.recompute == "full":
         full = lay.model_copy(update={"recompute": "none"})
-        act_mem += layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
-    mem["activations"] = act_mem
-    mem["logits"] = T * spec.vocab_size / lay.tp * (2 + 4 + 4)  # bf16 logits, fp32 softmax and its grad
+        rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
+    logits = T * spec.vocab_size / lay.tp * stack.logits_bytes
+    # the first stage holds the most micro-batches in flight, the last one the logits: the busier of the two
+    first = layers_local * act_layer * in_flight_microbatches(lay, n_micro) + rebuilt
+    last = layers_local * act_layer * in_flight_last_stage(lay, n_micro) + rebuilt + logits
+    mem["activations"], mem["logits"] = (first, 0.0) if lay.pp > 1 and first >= last else (last - logits, logits)
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     if lay.pp > 1 and n_micro < lay.pp:
         notes.append(f"only {n_micro} micro-batches for {lay.pp} stages: the pipeline is mostly bubble")
