@@ -541,3 +541,19 @@ def test_last_stage_in_flight_follows_megatron_warmup() -> None:
     assert in_flight_last_stage(Layout(pp=8), 64) == 1.0
     assert in_flight_last_stage(Layout(pp=8, pp_schedule="interleaved", pp_virtual=2), 64) == (8 + 1) / 2
     assert in_flight_microbatches(Layout(pp=8, pp_schedule="interleaved", pp_virtual=2), 64) == 8 + 7 / 2
+
+
+def test_loss_traffic_is_charged_per_logit_at_the_stacks_bytes() -> None:
+    """Megatron's cross entropy moves 52 bytes per logit element (op by op, forward + backward); a stack that
+    moved 36 would save exactly the difference over every logit of the step."""
+    from gigafactory.plan.costmodel import MEGATRON_CORE_2024
+
+    g2 = PRESETS["grok-2"]
+    gpu = get_gpu("h100")
+    cl = Cluster.of(gpu, 64)
+    lay = Layout(dp_shard=8, tp=8)
+    mc = estimate(g2, lay, cl, 16, 4096, MEGATRON_CORE_2024, with_bytes=False)
+    lean = estimate(g2, lay, cl, 16, 4096, replace(MEGATRON_CORE_2024, loss_bytes=36), with_bytes=False)
+    logits = mc.n_micro * lay.micro_batch * 4096 * g2.vocab_size / lay.tp
+    assert MEGATRON_CORE_2024.loss_bytes == 52
+    assert mc.compute_s - lean.compute_s == pytest.approx(logits * 16 / (gpu.hbm_eff * gpu.hbm_bw))

@@ -71,6 +71,12 @@ class Stack:
     # once and then works in place (max, exp, normalise, gradient all on the same fp32 buffer, which it saves for
     # backward: megatron/core/tensor_parallel/cross_entropy.py), so bf16 + fp32 = 6.
     logits_bytes: int = 10
+    # HBM bytes the loss moves per logit element, forward + backward, counted op by op. Megatron's vocab-parallel
+    # cross entropy (cross_entropy.py): .float() 2+4, max 4, in-place subtract 4+4, in-place exp 4+4, sum 4,
+    # in-place normalise 4+4; backward: in-place scale by the loss gradient 4+4, cast back to bf16 4+2 = 52.
+    # PyTorch's fused cross_entropy on .float() logits (torchtitan): cast 2+4, log-softmax 4+4+4, backward 4+4+4,
+    # cast back 4+2 = 36.
+    loss_bytes: int = 52
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
@@ -100,7 +106,7 @@ DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0,
 # layer's gather and overlapped reduce-scatter, async TP hides about half of TP traffic; eager PyTorch launches
 # more kernels per layer than the fused frameworks.
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
-               distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False)
+               distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False, loss_bytes=36)
 TORCHTITAN = MODERN
 STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
 # other spellings a validation file may use
@@ -685,7 +691,7 @@ def estimate(
     # ---- compute per micro-batch on the slowest stage
     lt = _layer_time(spec, lay, gpu, stack, seq_len, fp8, expert_imbalance)
     head = _gemm_time(T, spec.vocab_size / lay.tp, spec.d_model, gpu)
-    head_t = 3 * head + T * spec.vocab_size / lay.tp * 12 / (gpu.hbm_eff * gpu.hbm_bw)  # + fp32 softmax/loss
+    head_t = 3 * head + T * spec.vocab_size / lay.tp * stack.loss_bytes / (gpu.hbm_eff * gpu.hbm_bw)
     layer_t = lt.fwd + lt.bwd + lt.recompute
     stage_layers_t = layers * layer_t + head_t  # the last stage also runs the head
 
