@@ -557,3 +557,31 @@ def test_loss_traffic_is_charged_per_logit_at_the_stacks_bytes() -> None:
     logits = mc.n_micro * lay.micro_batch * 4096 * g2.vocab_size / lay.tp
     assert MEGATRON_CORE_2024.loss_bytes == 52
     assert mc.compute_s - lean.compute_s == pytest.approx(logits * 16 / (gpu.hbm_eff * gpu.hbm_bw))
+
+
+def test_deepspeed_train_schedule_blocks_on_every_transfer() -> None:
+    """DeepSpeed's TrainSchedule: every stage runs each micro-batch forward then backward, every send meets a
+    receive on the neighbour; with free transfers it takes 1F1B's (m + p − 1)(f + b), and blocking send/recv
+    puts more than the two transfers per micro-batch an unblocked 1F1B exposes on the critical path."""
+    from gigafactory.plan.costmodel import DEEPSPEED, blocking_pipeline_time, deepspeed_train_schedule
+
+    p, m = 8, 32
+    plans = [deepspeed_train_schedule(p, m, s) for s in range(p)]
+    for s, ops in enumerate(plans):
+        assert [k for kind, k in ops if kind == "F"] == list(range(m)) == [k for kind, k in ops if kind == "B"]
+        assert all(ops.index(("F", k)) < ops.index(("B", k)) for k in range(m))
+        if s + 1 < p:
+            assert sorted(k for kind, k in ops if kind == "send_act") == sorted(
+                k for kind, k in plans[s + 1] if kind == "recv_act") == list(range(m))
+    assert blocking_pipeline_time(p, m, 1.0, 2.0, 0.0) == (m + p - 1) * 3.0
+    assert blocking_pipeline_time(p, m, 1.0, 2.0, 0.1) - (m + p - 1) * 3.0 > 2 * m * 0.1
+    # two stages, two micro-batches, f = 1, b = 2, transfer x, by hand: stage 0 sends micro-batch 1's activation
+    # only when stage 1 reaches its receive, after its own backward of micro-batch 0 (4 + x), so the chain is
+    # F0 x F0' B0' x x F1' B1' x B1 = 9 + 4x (1F1B with free transfers: 9)
+    assert blocking_pipeline_time(2, 2, 1.0, 2.0, 0.1) == pytest.approx(9.4)
+    g2 = PRESETS["grok-2"].model_copy(update={"n_experts": 1, "top_k": 1})
+    lay = Layout(dp_shard=2, tp=8, pp=4)
+    cl = Cluster.of(get_gpu("a100-80g"), 64)
+    ds = estimate(g2, lay, cl, 64, 2048, DEEPSPEED, with_bytes=False)
+    free = estimate(g2, lay, cl, 64, 2048, replace(DEEPSPEED, blocking_pipeline=False), with_bytes=False)
+    assert ds.step_time_s > free.step_time_s

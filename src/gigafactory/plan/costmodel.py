@@ -71,6 +71,9 @@ class Stack:
     # once and then works in place (max, exp, normalise, gradient all on the same fp32 buffer, which it saves for
     # backward: megatron/core/tensor_parallel/cross_entropy.py), so bf16 + fp32 = 6.
     logits_bytes: int = 10
+    # the pipeline runs DeepSpeed's PipelineEngine `TrainSchedule`: blocking send/recv pairs issued at the start of
+    # the step after the compute that produced them (see `blocking_pipeline_time`)
+    blocking_pipeline: bool = False
     # HBM bytes the loss moves per logit element, forward + backward, counted op by op. Megatron's vocab-parallel
     # cross entropy (cross_entropy.py): .float() 2+4, max 4, in-place subtract 4+4, in-place exp 4+4, sum 4,
     # in-place normalise 4+4; backward: in-place scale by the loss gradient 4+4, cast back to bf16 4+2 = 52.
@@ -96,9 +99,12 @@ NEMO_2025 = Stack("nemo-2025", flash_attention=True, dp_overlap=1.0, tp_overlap=
                   distributed_optimizer=True, fsdp=False, kernels_per_layer=20, logits_bytes=6)
 # Megatron-DeepSpeed 3D parallelism as BLOOM and MT-NLG ran it (2021-22): Megatron's TP and kernels, DeepSpeed's
 # pipeline engine, ZeRO-1 over data parallelism (optimizer sharded, gradients reduced after the backward pass),
-# unfused softmax attention with dropout.
+# unfused softmax attention with dropout. No sequence parallelism (Korthikanti et al., May 2022, came after MT-NLG
+# and BLOOM's launch): norms and dropout run on the whole sequence on every tp rank, and the pipeline engine sends
+# each tp rank's whole activation (deepspeed/runtime/pipe/engine.py, p2p.py: blocking dist.send / dist.recv).
 DEEPSPEED = Stack("deepspeed", flash_attention=False, dp_overlap=0.0, tp_overlap=0.0, pp_overlap=0.0, dropout=True,
-                  distributed_optimizer=True, fsdp=False, kernels_per_layer=24)
+                  distributed_optimizer=True, fsdp=False, kernels_per_layer=24, blocking_pipeline=True,
+                  sequence_parallel=False)
 # DeepSpeed ZeRO-3 (HF Accelerate / DeepSpeed, flash attention): per-layer parameter gathers with prefetch.
 DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0, tp_overlap=0.0, pp_overlap=0.0,
                         kernels_per_layer=28)
@@ -255,6 +261,66 @@ def bubble_slots(lay: Layout) -> float:
     the warm-up and cool-down bubbles, with 1F1B's peak memory)."""
     slots = (lay.pp - 1) / lay.pp_virtual
     return slots / 3 if lay.pp_schedule == "zero_bubble" else slots
+
+
+def deepspeed_train_schedule(pp: int, n_micro: int, stage: int) -> list[tuple[str, int]]:
+    """The instruction order of DeepSpeed's pipeline `TrainSchedule` (deepspeed/runtime/pipe/schedule.py) for one
+    stage, as (kind, micro-batch): 2(m + p − 1) steps alternating forward and backward by the parity of step and
+    stage; a step first exchanges with its neighbours (forward step: receive this micro-batch's activation, send
+    the previous step's input gradient; backward step: send the previous step's activation, receive this
+    micro-batch's output gradient), then computes."""
+    ops: list[tuple[str, int]] = []
+    prev = -1
+    first, last = stage == 0, stage == pp - 1
+    for t in range(2 * (n_micro + pp - 1)):
+        forward = t % 2 == stage % 2
+        half = t // 2 if t % 2 == 0 else (t - 1) // 2
+        if forward:
+            mb = half - stage // 2
+        else:
+            mb = half - pp + (stage + 1) // 2 if t % 2 == 0 else half - pp + 1 + stage // 2
+        ok, prev_ok = 0 <= mb < n_micro, 0 <= prev < n_micro
+        if forward:
+            ops += [("recv_act", mb)] * (ok and not first) + [("send_grad", prev)] * (prev_ok and not first)
+            ops += [("F", mb)] * ok
+        else:
+            ops += [("send_act", prev)] * (prev_ok and not last) + [("recv_grad", mb)] * (ok and not last)
+            ops += [("B", mb)] * ok
+        prev = mb
+    return ops
+
+
+_PEER = {"send_act": ("recv_act", 1), "recv_act": ("send_act", -1), "send_grad": ("recv_grad", -1),
+         "recv_grad": ("send_grad", 1)}
+
+
+@functools.lru_cache(maxsize=256)
+def blocking_pipeline_time(pp: int, n_micro: int, fwd: float, bwd: float, transfer: float) -> float:
+    """Makespan of `deepspeed_train_schedule` on every stage when each send/recv blocks until its peer arrives
+    (DeepSpeed's p2p: the send and the matching receive both wait, then the transfer takes ``transfer``) and a
+    stage's forward/backward of one micro-batch take ``fwd`` / ``bwd``. With ``transfer`` = 0 this is 1F1B's
+    (m + p − 1)(f + b); each transfer sits on the critical path, since the compute waits for it."""
+    ops = [deepspeed_train_schedule(pp, n_micro, s) for s in range(pp)]
+    at, clock = [0] * pp, [0.0] * pp
+    pending = sum(map(len, ops))
+    while pending:
+        moved = False
+        for s in range(pp):
+            while at[s] < len(ops[s]):
+                kind, mb = ops[s][at[s]]
+                if kind in ("F", "B"):
+                    clock[s] += fwd if kind == "F" else bwd
+                    at[s], pending, moved = at[s] + 1, pending - 1, True
+                    continue
+                peer_kind, step = _PEER[kind]
+                q = s + step
+                if at[q] >= len(ops[q]) or ops[q][at[q]] != (peer_kind, mb):
+                    break
+                clock[s] = clock[q] = max(clock[s], clock[q]) + transfer
+                at[s], at[q], pending, moved = at[s] + 1, at[q] + 1, pending - 2, True
+        if not moved:
+            raise RuntimeError("DeepSpeed schedule deadlocked (a bug in deepspeed_train_schedule)")
+    return max(clock)
 
 
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1,
@@ -725,8 +791,8 @@ def estimate(
     if lay.pp > 1:
         sp = lay.tp if stack.sequence_parallel else 1
         alpha, _ = level_alpha(cluster.n_gpus // lay.pp * 2, cluster)
-        one = act / sp / nic_bw + alpha
-        comm["pp"] = n_micro * lay.pp_virtual * 2 * one
+        pp_one = act / sp / nic_bw + alpha
+        comm["pp"] = n_micro * lay.pp_virtual * 2 * pp_one
         exposed["pp"] = comm["pp"] * (1 - stack.pp_overlap)
 
     inner_exposed = sum(exposed.values())
@@ -734,6 +800,15 @@ def estimate(
     slots = n_micro + bubble_slots(lay)
     compute_s = n_micro * stage_layers_t
     bubble_s = (slots - n_micro) * mb_time
+    pipe_s = slots * mb_time
+    if stack.blocking_pipeline and lay.pp > 1 and lay.pp_virtual == 1:
+        # DeepSpeed's TrainSchedule run step by step: the tp/ep/cp traffic a micro-batch exposes goes with its
+        # compute (a third forward, two thirds backward), every activation/gradient transfer blocks both ends
+        inner = stage_layers_t + (inner_exposed - exposed["pp"]) / n_micro
+        fwd = (layers * lt.fwd + head) / stage_layers_t * inner
+        pipe_s = blocking_pipeline_time(lay.pp, n_micro, fwd, inner - fwd, pp_one)
+        bubble_s = (lay.pp - 1) * inner
+        exposed["pp"] = pipe_s - (n_micro + lay.pp - 1) * inner
 
     # ---- data parallel: FSDP per layer per micro-batch, or Megatron-style once per step
     shard = lay.dp_shard * lay.cp
@@ -786,7 +861,7 @@ def estimate(
     opt_params = dense_local / fsdp_shard / opt_shard + expert_local / fsdp_exp_shard / max(1, opt_exp_shard)
     optimizer_s = opt_params * 30 / (gpu.hbm_eff * gpu.hbm_bw)
 
-    step = slots * mb_time + exposed["fsdp_gather"] + exposed["dp_grads"] + optimizer_s
+    step = pipe_s + exposed["fsdp_gather"] + exposed["dp_grads"] + optimizer_s
     # ---- FLOPs per GPU (model flops from ModelSpec; hardware adds recomputed forward work)
     tokens = global_batch_seqs * seq_len
     model_flops = spec.flops_per_token(seq_len) * tokens / cluster.n_gpus
