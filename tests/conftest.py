@@ -25,3 +25,12 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | N
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray instance for the whole test session (2 CPUs), shut down at the end."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -32,6 +32,7 @@ def _register() -> None:
         "gigafactory.train.launch",
         "gigafactory.serve.commands",
         "gigafactory.interop.commands",
+        "gigafactory.data.commands",
     ):
         importlib.import_module(module).register(app)
 
