@@ -39,7 +39,7 @@ def prepare(
     lang: str | None = typer.Option(None, help="keep only this language (stop-word check): en, de, fr, ..."),
     no_pii: bool = typer.Option(False, "--no-pii-scrub", help="keep e-mail addresses, phones and IPs"),
     no_near_dedup: bool = typer.Option(False, "--no-near-dedup", help="skip MinHash near-duplicate removal"),
-    tokenizer: str = typer.Option("bpe", help="'bpe' (trained on a sample) or a tokenizer.json to reuse"),
+    tokenizer: str = typer.Option("bpe", help="'bpe' (trained on a sample), 'grok-1', or a tokenizer.json/.model"),
     vocab_size: int = typer.Option(8192, help="BPE vocabulary (must not exceed the model's)"),
     shard_tokens: int = typer.Option(1 << 24, help="tokens per shard"),
     val_fraction: float = typer.Option(0.01, help="fraction of documents held out for validation"),

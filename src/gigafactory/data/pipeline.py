@@ -38,8 +38,6 @@ from gigafactory.util import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMAT = "gigafactory-dataset/1"
 MANIFEST = "dataset.json"
-TOKENIZER = "tokenizer.json"
-EOS = "<eos>"
 
 
 class PrepareConfig(BaseModel):
@@ -52,7 +50,7 @@ class PrepareConfig(BaseModel):
     exact_dedup: bool = True
     near_dedup: bool = True
     dedup: dd.DedupConfig = Field(default_factory=dd.DedupConfig)
-    tokenizer: str = Field("bpe", description="'bpe' (trained on a sample) or the path of a tokenizer.json")
+    tokenizer: str = Field("bpe", description="'bpe' (trained on a sample), 'grok-1', or a tokenizer.json/.model")
     vocab_size: int = Field(8192, ge=256)
     tokenizer_sample_bytes: int = Field(20_000_000, gt=0)
     shard_tokens: int = Field(1 << 24, gt=0, description="tokens per shard (the last one may be shorter)")
@@ -252,25 +250,32 @@ def _dedup_summary(stats: list[dict[str, Any]], arrays: list[dict[str, np.ndarra
 
 
 # ---- stage 3: tokenizer ------------------------------------------------------------------------------------------
-def build_tokenizer(paths: Paths, n_parts: int, cfg: PrepareConfig) -> None:
-    from tokenizers import Tokenizer
-
+def tokenizer_file(out: Path) -> Path | None:
+    """The dataset's tokenizer: tokenizer.json (BPE) or tokenizer.model (SentencePiece, e.g. Grok-1)."""
     from gigafactory import tokenizer as toklib
 
-    target = paths.out / TOKENIZER
-    if target.is_file():
+    found = [out / n for n in (toklib.FILENAME, toklib.SP_FILENAME) if (out / n).is_file()]
+    return found[0] if found else None
+
+
+def build_tokenizer(paths: Paths, n_parts: int, cfg: PrepareConfig) -> None:
+    from gigafactory import tokenizer as toklib
+
+    if tokenizer_file(paths.out) is not None:
+        return
+    if cfg.tokenizer == toklib.GROK1:
+        toklib.install_grok1(paths.out)
         return
     if cfg.tokenizer != "bpe":
         src = Path(cfg.tokenizer)
-        if not src.is_file():
-            raise UserError(f"--tokenizer {src}: no such file; give a tokenizer.json or 'bpe'")
-        try:
-            tok = Tokenizer.from_file(str(src))
-        except Exception as err:  # the library raises a bare Exception on malformed JSON
-            raise UserError(f"cannot read tokenizer {src}: {str(err).splitlines()[0]}") from None
-        if tok.token_to_id(EOS) is None:
-            raise UserError(f"tokenizer {src} has no {EOS} token; documents need a separator")
-        atomic_write_text(target, tok.to_str())
+        if src.suffix not in (".json", ".model") or not src.is_file():
+            raise UserError(f"--tokenizer {src}: give 'bpe', 'grok-1', or an existing tokenizer.json / .model file")
+        staging = paths.work / "tokenizer"
+        staging.mkdir(parents=True, exist_ok=True)
+        name = toklib.FILENAME if src.suffix == ".json" else toklib.SP_FILENAME
+        atomic_write_bytes(staging / name, src.read_bytes())
+        toklib.eos_id(toklib.load_tokenizer(staging))  # refuses a tokenizer without an end-of-document id
+        atomic_write_bytes(paths.out / name, src.read_bytes())
         return
     sample: list[str] = []
     budget = cfg.tokenizer_sample_bytes
@@ -285,7 +290,7 @@ def build_tokenizer(paths: Paths, n_parts: int, cfg: PrepareConfig) -> None:
     if not sample:
         raise UserError("no document survived the filters; check --text-field and the quality rules")
     tok = toklib.train_tokenizer(sample, cfg.vocab_size)
-    atomic_write_text(target, tok.to_str())
+    atomic_write_text(paths.out / toklib.FILENAME, tok.to_str())
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -294,15 +299,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 # ---- stage 4: tokenize -----------------------------------------------------------------------------------------
 def tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
-    from tokenizers import Tokenizer
+    from gigafactory import tokenizer as toklib
 
     paths = Paths(Path(task["out"]))
     i = task["part"]["index"]
     marker = paths.tok(i, "json")
     if marker.is_file():
         return {"part": i, "skipped": True, **json.loads(marker.read_text())}
-    tok = Tokenizer.from_file(str(paths.out / TOKENIZER))
-    eos = tok.token_to_id(EOS)
+    tok = toklib.load_tokenizer(paths.out)
+    eos = toklib.eos_id(tok)
     dtype = token_dtype(tok.get_vocab_size())
     code = np.load(paths.keep(i))
     docs = _read_jsonl(paths.scan(i, "jsonl"))
@@ -401,10 +406,12 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, engine: Engine, k
     build_tokenizer(paths, len(parts), cfg)
     results = engine.map(tokenize_part, tasks, "tokenize", logger, weights=sizes)
     skipped["tokenize"] = sum(r["skipped"] for r in results)
-    from tokenizers import Tokenizer
+    from gigafactory import tokenizer as toklib
 
-    tok = Tokenizer.from_file(str(out / TOKENIZER))
-    eos = tok.token_to_id(EOS)
+    tok = toklib.load_tokenizer(out)
+    eos = toklib.eos_id(tok)
+    tok_path = tokenizer_file(out)
+    assert tok_path is not None
     splits = {}
     skipped["shards"] = 0
     for split in ("train", "val"):
@@ -414,8 +421,8 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, engine: Engine, k
                          "documents": sum(s["documents"] for s in shards), "shards": shards}
     manifest = {
         "format": FORMAT,
-        "tokenizer": TOKENIZER,
-        "tokenizer_sha256": sha256_file(out / TOKENIZER),
+        "tokenizer": tok_path.name,
+        "tokenizer_sha256": sha256_file(tok_path),
         "vocab_size": tok.get_vocab_size(),
         "eos_id": eos,
         "dtype": token_dtype(tok.get_vocab_size()).name,

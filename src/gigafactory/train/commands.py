@@ -15,7 +15,9 @@ def train(
     model: str = typer.Option("small", help="preset (tiny, small, grok-1, grok-2) or a .toml/.json spec"),
     steps: int = typer.Option(300, help="optimizer steps; the learning-rate schedule spans them"),
     run_dir: Path = typer.Option(Path("runs/default"), help="where the spec, tokenizer, metrics, checkpoints go"),
-    data: Path | None = typer.Option(None, help="UTF-8 text file or folder (default: built-in Shakespeare)"),
+    data: Path | None = typer.Option(None, help="UTF-8 text file or folder, or a dataset from `gigafactory data "
+                                     "prepare` (default: built-in Shakespeare)"),
+    data_mix: str | None = typer.Option(None, help="prepared datasets with weights, e.g. web=0.7,posts=0.3"),
     tokenizer: str | None = typer.Option(None, help="bpe, grok-1 (the release's SentencePiece) or auto (default: "
                                          "grok-1 for the grok-1 preset, else bpe)"),
     seed: int = typer.Option(0),
@@ -46,7 +48,8 @@ def train(
     from gigafactory.train.loop import train as run
 
     options = dict(
-        model=model, steps=steps, run_dir=run_dir, data=data, tokenizer=tokenizer, seed=seed, resume=resume,
+        model=model, steps=steps, run_dir=run_dir, data=data, data_mix=data_mix, tokenizer=tokenizer, seed=seed,
+        resume=resume,
         batch_size=batch_size,
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
         checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype, layout=layout,

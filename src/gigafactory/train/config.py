@@ -15,7 +15,9 @@ class TrainConfig(BaseModel):
 
     model: str = Field("small", description="preset name or a .toml/.json spec file")
     run_dir: Path = Path("runs/default")
-    data: Path | None = Field(None, description="UTF-8 text file or folder; default: the built-in corpus")
+    data: Path | None = Field(None, description="UTF-8 text file or folder, or a prepared dataset folder; default: "
+                              "the built-in corpus")
+    data_mix: str | None = Field(None, description="prepared datasets with weights, e.g. 'a=0.7,b=0.3'")
     tokenizer: Literal["auto", "bpe", "grok-1"] = Field(
         "auto", description="bpe (trained on the corpus), grok-1 (the release's SentencePiece); auto: grok-1 for "
         "the grok-1 preset, else bpe"

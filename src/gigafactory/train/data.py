@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def read_corpus(path: Path | None) -> tuple[list[str], str]:
 
 @dataclass
 class TokenData:
-    train: np.ndarray
+    train: Any  # np.ndarray of the in-memory corpus, or a ShardStream / MixStream of prepared datasets
     val: np.ndarray
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
 
@@ -135,3 +136,188 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> list[tup
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---- prepared datasets (`gigafactory data prepare`): streaming shards, mixtures ---------------------------------
+DATASET_MANIFEST = "dataset.json"
+MIX_BLOCK = 1000  # a mixture allocates samples to datasets in blocks of this many (weights exact to 1/1000)
+
+
+def is_dataset(path: Path | None) -> bool:
+    return path is not None and (Path(path) / DATASET_MANIFEST).is_file()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / DATASET_MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root} is not a prepared dataset (no {DATASET_MANIFEST}); make one with "
+                        "`gigafactory data prepare`") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is damaged ({err.msg}); prepare the dataset again") from None
+    if not isinstance(m, dict) or m.get("format") != "gigafactory-dataset/1":
+        raise UserError(f"{path} is not a gigafactory-dataset/1 manifest; prepare the dataset again")
+    return m
+
+
+class ShardStream:
+    """The samples (windows of `seq_len + 1` tokens, not overlapping) of one split of a dataset, in a seeded order
+    that is a pure function of the sample index: epoch e visits the shards in a permuted order and the windows
+    of each shard in a permuted order, every window once. Shards are memory-mapped when first touched, so only
+    the windows read are loaded."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], split: str, seq_len: int, seed: int) -> None:
+        self.root, self.window, self.seed = Path(root), seq_len + 1, seed
+        self.dtype = np.dtype(manifest["dtype"])
+        self.files = [s["file"] for s in manifest["splits"][split]["shards"]]
+        self.counts = np.array([s["tokens"] // self.window for s in manifest["splits"][split]["shards"]], np.int64)
+        self.total = int(self.counts.sum())
+        if self.total == 0:
+            raise UserError(f"the {split} split of {root} has no window of {self.window} tokens; prepare more data "
+                            "or lower seq_len")
+        self._maps: dict[int, np.ndarray] = {}
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._maps:
+            self._maps[i] = np.memmap(self.root / self.files[i], dtype=self.dtype, mode="r")
+        return self._maps[i]
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(shard, first token) of sample k."""
+        epoch, j = divmod(k, self.total)
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.counts))
+            self._epoch = (epoch, order, np.cumsum(self.counts[order]))
+        _, order, ends = self._epoch
+        pos = int(np.searchsorted(ends, j, side="right"))
+        shard = int(order[pos])
+        within = j - (int(ends[pos - 1]) if pos else 0)
+        key = (epoch, shard)
+        if key not in self._windows:
+            if len(self._windows) > 8:
+                self._windows.clear()
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch, shard + 1]))
+            self._windows[key] = rng.permutation(int(self.counts[shard]))
+        return shard, int(self._windows[key][within]) * self.window
+
+    def sample(self, k: int) -> np.ndarray:
+        shard, start = self.locate(k)
+        return np.asarray(self._shard(shard)[start : start + self.window], dtype=np.int64)
+
+
+class MixStream:
+    """Several streams weighted: in each block of MIX_BLOCK samples, stream d gets round(w_d · MIX_BLOCK) of them
+    (largest remainders) at seeded positions, and its own samples in order, so sample k is a pure function of k
+    and no stream repeats a sample before it finishes an epoch."""
+
+    def __init__(self, streams: list[ShardStream], weights: list[float], seed: int) -> None:
+        self.streams, self.seed = streams, seed
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        quota = np.floor(w * MIX_BLOCK).astype(np.int64)
+        for d in np.argsort(-(w * MIX_BLOCK - quota), kind="stable")[: MIX_BLOCK - int(quota.sum())]:
+            quota[d] += 1
+        self.quota = quota
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(stream, index within that stream) of sample k."""
+        block, p = divmod(k, MIX_BLOCK)
+        if self._block is None or self._block[0] != block:
+            owner = np.repeat(np.arange(len(self.quota)), self.quota)
+            np.random.Generator(np.random.PCG64([self.seed, block, 7])).shuffle(owner)
+            rank = np.zeros(MIX_BLOCK, dtype=np.int64)
+            for d in range(len(self.quota)):
+                rank[owner == d] = np.arange(self.quota[d])
+            self._block = (block, owner, rank)
+        _, owner, rank = self._block
+        d = int(owner[p])
+        return d, block * int(self.quota[d]) + int(rank[p])
+
+    def sample(self, k: int) -> np.ndarray:
+        d, i = self.locate(k)
+        return self.streams[d].sample(i)
+
+
+class ShardSampler:
+    """The `BatchSampler` of prepared datasets: micro-batch i holds samples [i·batch, (i+1)·batch) of the stream.
+
+    Its position counts global micro-batches, so it does not depend on the number of ranks: a run checkpointed on
+    2 ranks resumes on 4 at the same sample, and every sample of an epoch is used once (the ranks split each
+    global micro-batch)."""
+
+    def __init__(self, stream: ShardStream | MixStream, batch: int, seq_len: int, seed: int) -> None:
+        self.stream, self.batch, self.seq_len, self.seed = stream, batch, seq_len, seed
+        self.position = 0
+
+    def batch_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.stream.sample(index * self.batch + r) for r in range(self.batch)]
+        t = torch.from_numpy(np.stack(rows))
+        return t[:, :-1], t[:, 1:]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.batch_at(self.position)
+        self.position += 1
+        return out
+
+
+def make_sampler(train: np.ndarray | ShardStream | MixStream, batch: int, seq_len: int,
+                 seed: int) -> BatchSampler | ShardSampler:
+    if isinstance(train, ShardStream | MixStream):
+        return ShardSampler(train, batch, seq_len, seed)
+    return BatchSampler(train, batch, seq_len, seed)
+
+
+def parse_mix(data: Path | None, mix: str | None) -> list[tuple[Path, float]]:
+    """`--data DATASET` (weight 1) or `--data-mix a=0.7,b=0.3` (dataset folders with positive weights)."""
+    if mix is None:
+        return [(Path(data), 1.0)] if data is not None else []
+    if data is not None:
+        raise UserError("give --data or --data-mix, not both")
+    out = []
+    for item in mix.split(","):
+        name, sep, weight = item.strip().rpartition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not sep or not name or not w > 0:
+            raise UserError(f"--data-mix item {item!r}: write DATASET=WEIGHT with a positive weight, e.g. a=0.7,b=0.3")
+        out.append((Path(name), w))
+    return out
+
+
+def prepare_datasets(run_dir: Path, mix: list[tuple[Path, float]], vocab_size: int, seq_len: int,
+                     seed: int) -> TokenData:
+    """Training on prepared datasets: the tokenizer comes with them (copied into the run), nothing is tokenized
+    here, the training split streams from the shards and validation is the held-out split of the manifests."""
+    run_dir = Path(run_dir)
+    manifests = [read_manifest(root) for root, _ in mix]
+    tok_shas = {m["tokenizer_sha256"] for m in manifests}
+    if len(tok_shas) > 1:
+        raise UserError("the datasets of --data-mix use different tokenizers; prepare them with the same "
+                        "--tokenizer (a tokenizer.json or .model file)")
+    m0, root0 = manifests[0], mix[0][0]
+    if m0["vocab_size"] > vocab_size:
+        raise UserError(f"{root0} has a tokenizer of {m0['vocab_size']:,} ids but the model's vocabulary is "
+                        f"{vocab_size:,}; prepare it with --vocab-size {vocab_size} or pick a larger model")
+    meta_path = run_dir / "data" / "meta.json"
+    meta = {"datasets": [[str(Path(r).resolve()), w] for r, w in mix], "tokenizer_sha256": m0["tokenizer_sha256"]}
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise UserError(f"{run_dir} was trained on other data; use a new --run-dir for this --data / --data-mix")
+    atomic_write_bytes(run_dir / m0["tokenizer"], (Path(root0) / m0["tokenizer"]).read_bytes())
+    tok = toklib.load_tokenizer(run_dir)
+    save_personas(run_dir, [])
+    atomic_write_text(meta_path, json.dumps(meta))
+    streams = [ShardStream(root, m, "train", seq_len, seed) for (root, _), m in zip(mix, manifests, strict=True)]
+    train: ShardStream | MixStream = streams[0] if len(streams) == 1 else MixStream(
+        streams, [w for _, w in mix], seed)
+    val_parts = [np.fromfile(Path(root) / s["file"], dtype=np.dtype(m["dtype"]))
+                 for (root, _), m in zip(mix, manifests, strict=True) for s in m["splits"]["val"]["shards"]]
+    val = np.concatenate(val_parts) if val_parts else np.zeros(0, dtype=np.int64)
+    if len(val) <= seq_len + 1:
+        raise UserError(f"{root0} has no validation split of more than {seq_len + 1} tokens; prepare it with a "
+                        "larger --val-fraction")
+    return TokenData(train, val, torch.tensor(toklib.token_byte_lengths(tok), dtype=torch.float64))

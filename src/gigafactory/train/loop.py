@@ -142,7 +142,11 @@ class Trainer:
         self.lock, lock_notes = ckpt.lock_run_dir(self.run_dir)
         with self.dist.main_first():
             self._check_spec()  # before the data: another model's run must be named as such
-            self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size, self.tokenizer)
+            if datalib.is_dataset(cfg.data) or cfg.data_mix:  # shards of `gigafactory data prepare`
+                mix = datalib.parse_mix(cfg.data, cfg.data_mix)
+                self.data = datalib.prepare_datasets(self.run_dir, mix, self.spec.vocab_size, self.seq_len, cfg.seed)
+            else:
+                self.data = datalib.prepare(self.run_dir, cfg.data, self.spec.vocab_size, self.tokenizer)
             self._save_run_files()
 
         torch.manual_seed(cfg.seed)
@@ -155,7 +159,7 @@ class Trainer:
             moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
         self.model = self.dist.parallelize(model, seed=cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.sampler = datalib.BatchSampler(self.data.train, micro, self.seq_len, cfg.seed)
+        self.sampler = datalib.make_sampler(self.data.train, micro, self.seq_len, cfg.seed)
         self.val_windows = datalib.eval_windows(self.data.val, self.seq_len, cfg.eval_windows)
         self.step = 0
         self.resumed_from: int | None = None
