@@ -10,6 +10,7 @@ import pytest
 from gigafactory.data import clean, dedup, synthetic
 from gigafactory.data.engine import LocalEngine
 from gigafactory.data.pipeline import PrepareConfig, prepare
+from gigafactory.errors import UserError
 from gigafactory.util import sha256_file
 
 SMALL = dict(vocab_size=512, shard_tokens=20_000, part_bytes=60_000, val_fraction=0.02)
@@ -153,23 +154,24 @@ def test_resume_after_a_kill_redoes_no_finished_shard(tmp_path, cli):
         now = (out / "train" / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
     assert _tree(out) == _tree(ref)
-    assert cli(*args).returncode == 2  # a finished dataset is not overwritten
+    with pytest.raises(UserError, match="already holds a prepared dataset"):  # a finished dataset is kept
+        prepare([inputs], out, cfg, LocalEngine(1), quiet=True)
 
 
 def test_cli_errors_are_one_line(tmp_path, cli):
     proc = cli("data", "prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "x.csv").write_text("a,b\n")
-    proc = cli("data", "prepare", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "unknown format" in proc.stderr
+    with pytest.raises(UserError, match="unknown format"):
+        prepare([tmp_path / "x.csv"], tmp_path / "o", PrepareConfig(), LocalEngine(1), quiet=True)
 
 
 def test_local_and_ray_give_identical_shards(ray_session, tmp_path):
     from gigafactory.data.engine import RayEngine
 
-    corp = synthetic.make_corpus(seed=11, n_distinct=200, near_fraction=0.2, exact_fraction=0.05)
+    corp = synthetic.make_corpus(seed=11, n_distinct=150, near_fraction=0.2, exact_fraction=0.05)
     inputs = tmp_path / "in"
-    synthetic.write_jsonl(corp, inputs, files=3)
+    synthetic.write_jsonl(corp, inputs, files=2)
     cfg = PrepareConfig(vocab_size=300, shard_tokens=8_000, part_bytes=60_000, val_fraction=0.05)
     prepare([inputs], tmp_path / "local", cfg, LocalEngine(1), quiet=True)
     prepare([inputs], tmp_path / "ray", cfg, RayEngine(), quiet=True)
