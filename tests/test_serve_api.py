@@ -380,3 +380,25 @@ def test_queue_bound_counts_requests_not_sequences(state):
         release.set()
         engine.step = real_step  # type: ignore[method-assign]
     wait_until(lambda: engine.queued_requests() == 0)
+
+
+def test_chat_url_sends_the_key_from_the_environment(url, monkeypatch):
+    from gigafactory.errors import UserError
+    from gigafactory.serve.client import RemoteChat
+
+    monkeypatch.delenv("GIGAFACTORY_API_KEY", raising=False)
+    with pytest.raises(UserError, match="needs an API key"):
+        RemoteChat(url, "romeo")
+    monkeypatch.setenv("GIGAFACTORY_API_KEY", KEY)
+    chat_ = RemoteChat(url, "romeo")
+    assert chat_.persona == "ROMEO" and "".join(chat_.reply("hi", max_tokens=3, seed=1)) is not None
+
+
+def test_public_bind_without_a_key_warns(cli, tmp_path):
+    missing = str(tmp_path / "no-run")
+    warned = cli("serve", missing, "--host", "0.0.0.0")
+    assert warned.returncode != 0 and "without an API key" in warned.stderr and "Traceback" not in warned.stderr
+    keyed = cli("serve", missing, "--host", "0.0.0.0", "--api-key", KEY)
+    assert keyed.returncode != 0 and "without an API key" not in keyed.stderr
+    short = cli("serve", missing, "--api-key", "short")
+    assert short.returncode != 0 and "at least 8" in short.stderr and "Traceback" not in short.stderr

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 
 import httpx
 
 from gigafactory.errors import UserError
 
+API_KEY_ENV = "GIGAFACTORY_API_KEY"  # the key `chat --url` sends, if the server needs one
+
 
 class RemoteChat:
     """Keeps the conversation client-side (the API is stateless) and streams each reply."""
 
-    def __init__(self, url: str, persona: str, timeout: float = 300.0) -> None:
+    def __init__(self, url: str, persona: str, timeout: float = 300.0, api_key: str | None = None) -> None:
         self.base = url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
-        self.client = httpx.Client(timeout=timeout)
+        key = api_key or os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers)
         self.persona = self._resolve(persona)
         self.history: list[dict[str, str]] = []
 
@@ -26,6 +31,8 @@ class RemoteChat:
             resp = self.client.get(f"{self.base}/models")
         except httpx.HTTPError as err:
             raise UserError(f"cannot reach the server at {self.base}: {err}") from None
+        if resp.status_code == 401:
+            raise UserError(f"{self.base} needs an API key: set {API_KEY_ENV} to one of the server's keys")
         if resp.status_code != 200:
             raise UserError(f"{self.base}/models answered {resp.status_code}: {resp.text[:200]}")
         ids = [m["id"] for m in resp.json()["data"]]
