@@ -121,8 +121,9 @@ class SiteSpec(BaseModel):
 # 0.80-1.00 in steps of 0.05 for Ampere and Hopper; never per row; the MoE and more_runs rows were not used).
 # Third pass on issue 11 (HBM in MiB as nvidia-smi reports it, the last stage's logits apart from the first
 # stage's activations, the 145.6B/18.4B rows' micro-batch and interleaving from Megatron's sc21 run_table_1.sh):
-# Ampere 0.85 / Hopper 0.90 gives median 3.5 %, max 14.8 %; the only other pair within the bar's max, 0.90/0.90,
-# gives median 5.0 %. Blackwell has no fit row and reuses Hopper's value. It is the least-sourced constant
+# the lowest median among the pairs within the bar's 15 % max is Ampere 0.85 / Hopper 0.90 (median 4.0 %, max
+# 14.9 % with the loss traffic and DeepSpeed schedule of the same pass; 0.90/0.90: 4.85 % / 14.4 %). Blackwell has
+# no fit row and reuses Hopper's value. It is the least-sourced constant
 # here: replace it with a measured sustained-GEMM figure when one is available (catalog override file).
 # fp8_matmul_eff: FP8 (E4M3) GEMM rate / FP8 dense peak. Assumption: 0.70 on Hopper, i.e. ~1.75× the BF16 GEMM
 # rate at the same shape, below the 2× of the peaks because FP8 GEMMs hit the power limit sooner and carry
