@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -112,7 +113,8 @@ def profile_model(engine: Engine, tok: Any, n: int, prompt_len: int) -> dict[str
     return dict(groups)
 
 
-def gil_ratio(model_name: str, rounds: int = 2, n: int = 16, out_len: int = 64) -> None:
+def gil_ratio(model_name: str, rounds: int = 2, n: int = 16, out_len: int = 64, interval: float = 0.005) -> None:
+    sys.setswitchinterval(interval)
     engine, tok, timers = build(model_name, 64)
     ids = tok.encode("What light through yonder window breaks? " * 8).ids
 
@@ -146,8 +148,9 @@ def gil_ratio(model_name: str, rounds: int = 2, n: int = 16, out_len: int = 64) 
         alone.append(once(False))
         shared.append(once(True))
     a, b = statistics.median(alone), statistics.median(shared)
-    print(f"\n{model_name}, {n} concurrent: {a:.0f} tokens/s alone, {b:.0f} with a busy Python thread in the process "
-          f"(ratio {b / a:.2f}, medians of {rounds} alternating rounds)")  # fmt: skip
+    print(f"\n{model_name}, {n} concurrent, GIL switch interval {1e3 * interval:g} ms: {a:.0f} tokens/s alone, "
+          f"{b:.0f} with a busy Python thread in the process (ratio {b / a:.2f}, medians of {rounds} alternating "
+          "rounds)")  # fmt: skip
 
 
 _MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear", "aten::_weight_int8pack_mm"}
@@ -197,10 +200,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--gil", action="store_true", help="also measure the cost of a busy Python thread")
+    ap.add_argument("--switch-interval", type=float, nargs="+", default=[5.0], help="ms (Python's default: 5)")
+    ap.add_argument("--gil-only", action="store_true", help="skip the breakdown")
     args = ap.parse_args()
     torch.set_num_threads(1)
     phases = ["_take_inbox", "_admit", "_schedule", "paged_batch", "model", "register_blocks", "_append"]
-    for n in args.concurrency:
+    for n in [] if args.gil_only else args.concurrency:
         engine, tok, timers = build(args.model, args.max_batch)
         run(engine, tok, timers, min(n, 4), args.prompt, 4)  # warm-up
         r = run(engine, tok, timers, n, args.prompt, args.tokens)
@@ -220,7 +225,8 @@ def main() -> None:
         for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"    {g:12s} {ms:7.2f} ms  {100 * ms / total:5.1f} %")
     if args.gil:
-        gil_ratio(args.model)
+        for interval in args.switch_interval:
+            gil_ratio(args.model, interval=interval / 1e3)
 
 
 if __name__ == "__main__":
