@@ -150,3 +150,23 @@ def test_sampling_filters():
     assert {sample(logits, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)} == {3}
     probs = logits.softmax(-1)[0]
     assert math.isclose(probs[3].item(), 0.6439, abs_tol=1e-3)
+
+
+def test_moe_dispatch_never_waits_for_the_host():
+    """Under fake tensors there are no values, so anything that reads one on the host (`.tolist()`, `.item()`,
+    `float()`, a data-dependent shape such as `bincount`'s) raises: forward and backward must not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # bf16: the dtype PyTorch's grouped matmul has meta kernels for
+    try:
+        with mode:
+            moe = MoE(TINY).train()
+            moe.lb_weight, moe.z_weight = 0.01, 1e-3
+            x = torch.randn(2, 16, TINY.d_model, requires_grad=True)
+            y = moe(x)
+            y.sum().backward()
+    finally:
+        torch.set_default_dtype(default)
+    assert y.shape == x.shape and x.grad is not None

@@ -40,10 +40,10 @@ def _copy_prepared(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _launch(run_dir: Path, layout: str, nproc: int, resume: bool = False) -> dict:
+def _launch(run_dir: Path, layout: str, nproc: int, resume: bool = False, dtype: str = "fp32") -> dict:
     out = run_dir.parent / f"{run_dir.name}.out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
-           str(run_dir), layout, str(out), "resume" if resume else "fresh"]
+           str(run_dir), layout, str(out), "resume" if resume else "fresh", dtype]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{layout} failed:\n{proc.stderr[-4000:]}"
@@ -131,6 +131,26 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
             assert row["measured"] < 1024, row
             continue
         assert row["predicted"] and abs(row["rel_diff"]) <= 0.10, row  # every collective used is predicted
+
+
+def test_bf16_collective_bytes_match_the_planner(runs: dict) -> None:
+    """bf16 (FSDP2 mixed precision): parameters are gathered in bf16, gradients reduced in fp32 — the planner's
+    convention (dtype_bytes=2, grad_bytes=4) within 10% for every collective."""
+    from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+    from gigafactory.specs import load_spec
+    from gigafactory.specs.layout import Layout
+
+    layout = "dp_shard=2"
+    got = _launch(_copy_prepared(runs["root"] / "single", runs["root"] / "fsdp2_bf16"), layout, 2, dtype="bf16")
+    cfg = config("unused", None)
+    predicted = predicted_bytes(load_spec("tiny"), Layout.parse(layout), cfg.batch_size, cfg.grad_accum,
+                                cfg.seq_len or 0, 2)
+    rows = comparison_rows(measured_bytes(got["metrics"]), predicted)
+    print(f"\nbf16 {layout}\n{format_rows(rows)}")
+    assert {r["collective"] for r in rows} >= {"all_gather", "reduce_scatter"}
+    for row in rows:
+        if row["collective"] != "other":
+            assert row["predicted"] and abs(row["rel_diff"]) <= 0.10, row
 
 
 @pytest.mark.parametrize("name", ["single", "fsdp2", "fsdp2_tp2"])

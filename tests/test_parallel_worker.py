@@ -13,18 +13,18 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
-def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5):  # noqa: ANN201
+def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5, dtype: str = "fp32"):  # noqa: ANN201
     from gigafactory.train.config import make_config
 
     return make_config(model="tiny", steps=steps, run_dir=run_dir, batch_size=8, grad_accum=2, seq_len=32, lr=3e-3,
-                       warmup_steps=1, eval_every=100, eval_windows=4, checkpoint_every=3, dtype="fp32",
+                       warmup_steps=1, eval_every=100, eval_windows=4, checkpoint_every=3, dtype=dtype,
                        layout=layout, resume=resume)
 
 
-def run(run_dir: str, layout: str | None, resume: bool) -> dict:
+def run(run_dir: str, layout: str | None, resume: bool, dtype: str = "fp32") -> dict:
     from gigafactory.train.loop import Trainer
 
-    tr = Trainer(config(run_dir, layout, resume), quiet=True)
+    tr = Trainer(config(run_dir, layout, resume, dtype=dtype), quiet=True)
     grads: dict[str, torch.Tensor] = {}
 
     def grab(_opt: object, _args: object, _kwargs: object) -> None:
@@ -41,7 +41,7 @@ def run(run_dir: str, layout: str | None, resume: bool) -> dict:
 
 if __name__ == "__main__":
     run_dir, layout, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
-    res = run(run_dir, layout, resume)
+    res = run(run_dir, layout, resume, dtype=sys.argv[5] if len(sys.argv) > 5 else "fp32")
     rank = int(os.environ["RANK"])
     torch.save({"losses": res["losses"], "grads": res["grads"]}, f"{out}.rank{rank}.pt")
     from gigafactory.train import distributed

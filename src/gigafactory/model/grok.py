@@ -7,7 +7,8 @@ Single-device math only: how it is sharded lives in `gigafactory.parallel`, how 
   block-wise, never the full score matrix of a long sequence); RoPE is the half-split ("rotate_half") form over
   the whole head; token id 0 is padding and is never attended to;
 - the router's softmax runs in fp32 over all experts and the top-k gates are *not* renormalised;
-- experts are gated GELU (tanh approximation): ``W_down(W_v·x ⊙ gelu(W_gate·x))``; Grok-2 adds a dense FFN
+- experts are gated GELU (tanh approximation): ``W_down(W_v·x ⊙ gelu(W_gate·x))``, run as grouped matmuls over
+  token copies sorted by expert, with no host synchronisation; Grok-2 adds a dense FFN
   beside the MoE and scales the sum by 1/√2;
 - embeddings are multiplied on the way in, logits on the way out, optionally soft-capped.
 
@@ -144,18 +145,28 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, ffn))
         self.w_down = nn.Parameter(torch.empty(n_experts, ffn, d_model))
 
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        """`x` holds tokens grouped by expert, `counts[e]` of them for local expert e (a loop over experts,
-        never over tokens)."""
-        outs = []
-        # unbind once: indexing w[e] per expert would make backward write a full-size zero gradient per slice.
-        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
-        for e, chunk in enumerate(torch.split(x, counts)):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.gelu(chunk @ gates[e], approximate="tanh") * (chunk @ ups[e])
-            outs.append(h @ downs[e])
-        return torch.cat(outs) if outs else x.new_zeros(0, self.w_down.shape[-1])
+    def forward(self, x: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """`x` holds tokens grouped by expert, `counts[e]` of them for local expert e. One grouped matmul per
+        weight (`torch._grouped_mm`, CPU and GPU): the group boundaries stay on the device, so the host never
+        waits for the routing."""
+        if isinstance(counts, list):
+            counts = torch.tensor(counts, device=x.device)
+        offsets = counts.cumsum(0).to(torch.int32)
+        # Autocast does not cover `_grouped_mm`: cast as it would for a matmul.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x = x.to(dtype)
+        gate, up, down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        h = F.gelu(_grouped_mm(x, gate, offsets), approximate="tanh") * _grouped_mm(x, up, offsets)
+        return _grouped_mm(h, down, offsets)
+
+
+def _grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """Rows offsets[e-1]..offsets[e] of `x` times w[e]: [N, in] × [E, in, out] → [N, out]."""
+    y = torch._grouped_mm(x, w, offs=offsets)
+    if y.requires_grad:
+        y.register_hook(torch.Tensor.contiguous)  # its backward rejects expanded (stride-0) gradients
+    return y
 
 
 class MoE(nn.Module):
@@ -169,7 +180,7 @@ class MoE(nn.Module):
         self.lb_weight = 0.0
         self.z_weight = 0.0
         self.aux_scale = 1.0
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, Tensor] = {}
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """fp32 router: (logits [N, E], gates [N, k], expert ids [N, k]); gates are not renormalised."""
@@ -184,7 +195,9 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        # Counts by scatter-add (static shape; bincount's shape depends on the data): no host synchronisation.
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         out = self.experts(x[token_of], counts)
         out = out * gates.reshape(-1)[order, None].to(out.dtype)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
@@ -204,7 +217,7 @@ class MoE(nn.Module):
         share = F.one_hot(idx, self.n_experts).float().sum(2).mean(1) / self.top_k  # [B, E]
         lb = (self.n_experts * (share * probs.mean(1)).sum(-1)).mean()
         z = torch.logsumexp(logits, -1).pow(2).mean()
-        self.last_stats = {"lb_loss": float(lb.detach()), "z_loss": float(z.detach())}
+        self.last_stats = {"lb_loss": lb.detach(), "z_loss": z.detach()}  # tensors: read once per step
         return (self.lb_weight * lb + self.z_weight * z) * self.aux_scale
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from gigafactory.model.grok import GrokModel
@@ -41,7 +42,17 @@ def _checkpoint_forward(module: nn.Module) -> None:
     module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
 
 
-def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool) -> list[FSDPModule]:
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """bf16 training: parameters gathered and computed in bf16, gradients reduced in fp32 into fp32 master
+    weights (the optimizer never sees bf16). fp32 training: FSDP's default (no casts)."""
+    if param_dtype is None or param_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
+               param_dtype: torch.dtype | None = None) -> list[FSDPModule]:
+    mp = mixed_precision(param_dtype)
     lay = meshes.layout
     dp = lay.dp_replicate * lay.dp_shard
     units: list[FSDPModule] = []
@@ -51,13 +62,13 @@ def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool) -> list[FSDPMo
         if lay.ep > 1:
             ex = block.moe.experts  # type: ignore[union-attr]
             if expert_fsdp:
-                units.append(fully_shard(ex, mesh=meshes.fsdp(experts=True)))
+                units.append(fully_shard(ex, mesh=meshes.fsdp(experts=True), mp_policy=mp))
             else:
                 expert_params.update(ex.parameters())  # type: ignore[arg-type]
     dense_mesh = meshes.fsdp()
     for block in model.layers.values():
-        units.append(fully_shard(block, mesh=dense_mesh, ignored_params=expert_params or None))
-    units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None))
+        units.append(fully_shard(block, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp))
+    units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp))
     for unit in units:
         unit.set_gradient_divide_factor(float(dp))
         if force_sum:

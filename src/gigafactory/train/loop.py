@@ -241,8 +241,8 @@ class Trainer:
         stats = {"loss": total, "lr": lr, "grad_norm": norm, **ranks.comm_bytes()}
         moe = [m for m in self.model.modules() if isinstance(m, MoE) and m.last_stats]
         if moe:
-            stats["lb_loss"] = sum(m.last_stats["lb_loss"] for m in moe) / len(moe)
-            stats["z_loss"] = sum(m.last_stats["z_loss"] for m in moe) / len(moe)
+            stats["lb_loss"] = float(sum(m.last_stats["lb_loss"] for m in moe)) / len(moe)
+            stats["z_loss"] = float(sum(m.last_stats["z_loss"] for m in moe)) / len(moe)
         return stats
 
     def _micro_steps(self) -> torch.Tensor:
