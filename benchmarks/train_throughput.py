@@ -7,13 +7,23 @@ Prints, for a preset (default `small`, 16 x 256 tokens a step, fp32 on a CPU):
   (the same module, AdamW, cross-entropy; no guards, schedule, metrics or MoE aux losses).
 The two loops alternate step by step so that background load hits both alike; medians are reported.
 
+With --busy it measures a shared machine instead: our trainer's step time with and without one competing
+busy process (a pure-Python spin loop), under OpenMP's default wait policy (threads spin at barriers) and under
+the one `gigafactory train` sets (`train/threads.py`: OMP_WAIT_POLICY=PASSIVE), each in a fresh process since
+OpenMP reads its environment once. Printed: the slowdown ratio busy / quiet for both (goal <= 2).
+
     .venv/bin/python benchmarks/train_throughput.py [--model small] [--steps 12]
+    .venv/bin/python benchmarks/train_throughput.py --busy [--steps 3] [--batch-size 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -26,12 +36,63 @@ from gigafactory.train.device import measured_peak_flops
 from gigafactory.train.loop import Trainer
 
 
+def trainer_step_time(model: str, steps: int, batch_size: int) -> float:
+    """Median seconds per step of our trainer (after one warm-up step)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config(model=model, run_dir=tmp, steps=10_000, batch_size=batch_size, dtype="fp32")
+        tr = Trainer(cfg, quiet=True)
+        tr.train_step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tr.train_step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _child(args: argparse.Namespace, policy: str | None, busy: bool) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--steps", str(args.steps),
+                              "--batch-size", str(args.batch_size)], env=env, capture_output=True, text=True,
+                             check=True)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
+
+
+def busy_main(args: argparse.Namespace) -> None:
+    from gigafactory.train.threads import shared_machine_env
+
+    ours = shared_machine_env({})["OMP_WAIT_POLICY"]
+    print(f"model {args.model}, batch {args.batch_size}, {os.cpu_count()} cores, threads: PyTorch default; "
+          f"median of {args.steps} steps")
+    for label, policy in (("OpenMP default (spin)", None), (f"gigafactory ({ours})", ours)):
+        quiet = _child(args, policy, busy=False)
+        busy = _child(args, policy, busy=True)
+        print(f"{label:<26} quiet {quiet:7.2f} s/step   one busy neighbour {busy:7.2f} s/step   "
+              f"slowdown {busy / quiet:6.2f}x (goal <= 2)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="small")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--busy", action="store_true", help="measure the slowdown from one busy neighbour")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps({"step_s": trainer_step_time(args.model, args.steps, args.batch_size)}))
+        return
+    if args.busy:
+        busy_main(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_config(model=args.model, run_dir=tmp, steps=10_000, batch_size=args.batch_size, dtype="fp32")

@@ -19,6 +19,7 @@ Three paths, the same math:
   all masked (the causal upper triangle) are skipped.
 - ``naive``: the whole score tensor at once: used when the problem is a single tile anyway (short sequences,
   decoding), where it is the fastest and its memory is one tile's.
+Under fake tensors (the training dry run, `train/dryrun.py`) a stand-in allocates what a fused kernel keeps.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ BLOCK_K = 512  # keys per tile
 def attend(q: Tensor, k: Tensor, v: Tensor, *, q_pos: Tensor, k_pos: Tensor, k_ok: Tensor,
            softcap: float | None) -> Tensor:
     """Scaled, soft-capped, position-masked grouped-query attention; see the module docstring."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(q):  # the dry run: shapes and memory of a fused kernel, no values
+        return _FusedStandIn.apply(q, k, v)  # type: ignore[no-any-return]
     if q.is_cuda:
         return attend_flex(q, k, v, q_pos=q_pos, k_pos=k_pos, k_ok=k_ok, softcap=softcap, compiled=True)
     if q.shape[2] <= BLOCK_Q and k.shape[2] <= BLOCK_K:
@@ -162,6 +167,23 @@ class _Blockwise(torch.autograd.Function):
                 dq[..., i0:i1, :] += ds @ kj.float()
                 dk[:, :, j0:j1] += (ds.transpose(-1, -2) @ qi.float()).sum(2)
         return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+class _FusedStandIn(torch.autograd.Function):
+    """Under fake tensors only: what a fused (flash) kernel allocates and keeps for backward, q, k, v, the output
+    and one fp32 logsumexp per query, without computing anything (fake tensors have no values to compute)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def attend_flex(q: Tensor, k: Tensor, v: Tensor, *, q_pos: Tensor, k_pos: Tensor, k_ok: Tensor,

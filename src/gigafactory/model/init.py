@@ -127,5 +127,8 @@ def materialize(model: nn.Module, spec: ModelSpec, device: torch.device, seed: i
     if not any(p.is_meta for p in model.parameters()):
         return model
     model.to_empty(device=device)
-    init_params(model, spec, seed)
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not any(is_fake(p.to_local() if isinstance(p, DTensor) else p) for p in model.parameters()):
+        init_params(model, spec, seed)  # under fake tensors (the dry run) there are no values to fill
     return model

@@ -24,7 +24,8 @@ from gigafactory.parallel.mesh import Meshes, build_meshes, check_layout
 from gigafactory.parallel.pipeline import Pipeline
 from gigafactory.parallel.tensor import apply_tp, local_targets
 
-__all__ = ["Parallelized", "build_meshes", "check_layout", "local_targets", "parallelize", "CommCounter"]
+__all__ = ["Parallelized", "apply_layout", "build_meshes", "check_layout", "local_targets", "parallelize",
+           "CommCounter"]
 
 
 @dataclass
@@ -110,17 +111,20 @@ class _null:
 
 
 def parallelize(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
-                seq_len: int, seed: int = 0) -> Parallelized:
+                seq_len: int, seed: int = 0, param_dtype: torch.dtype | None = None) -> Parallelized:
     """Apply the layout to `model` in place (or cut it into this rank's pipeline stage). A model built on the
     ``meta`` device is split there and only then gets memory: this rank's shards, initialised from (seed, name,
-    global index) by `model.init.materialize`, so every layout starts from one process's weights."""
-    out = _apply_layout(model, meshes, device, n_micro, micro_batch, seq_len)
+    global index) by `model.init.materialize`, so every layout starts from one process's weights. `param_dtype`
+    bf16: FSDP gathers and computes in bf16 and reduces gradients in fp32 (`fsdp.mixed_precision`)."""
+    out = apply_layout(model, meshes, device, n_micro, micro_batch, seq_len, param_dtype)
     materialize(out.model, model.spec, device, seed)
     return out
 
 
-def _apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
-                  seq_len: int) -> Parallelized:
+def apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro: int, micro_batch: int,
+                 seq_len: int, param_dtype: torch.dtype | None) -> Parallelized:
+    """`parallelize` without allocating anything: a meta-device model stays on meta (the dry run allocates it
+    under fake tensors afterwards)."""
     lay = meshes.layout
     if lay.pp > 1:
         pipe = Pipeline(model, lay, meshes.pp.get_group(), device, n_micro, micro_batch, seq_len)
@@ -135,5 +139,5 @@ def _apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micr
     apply_recompute(model, lay.recompute)
     units: list[FSDPModule] = []
     if lay.dp_shard * lay.dp_replicate > 1:
-        units = apply_fsdp(model, meshes, force_sum=device.type == "cpu")
+        units = apply_fsdp(model, meshes, force_sum=device.type == "cpu", param_dtype=param_dtype)
     return Parallelized(model, meshes, units, tp_replicated=experts if lay.tp > 1 else [])

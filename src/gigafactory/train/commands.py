@@ -41,8 +41,16 @@ def train(
     layout: str | None = typer.Option(None, help="parallel layout under torchrun, e.g. dp_shard=2,tp=2"),
     plan: Path | None = typer.Option(None, help="plan.json from `gigafactory plan --export`: layout, batch, steps"),
     compare_plan: bool = typer.Option(False, help="print measured bytes per collective beside the planner's"),
+    dry_run: bool = typer.Option(False, help="one step at the true world size on fake tensors and a fake process "
+                                 "group: per-rank memory and collective bytes beside the planner's; trains nothing"),
+    world_size: int | None = typer.Option(None, help="--dry-run: ranks to simulate (default: the plan's GPUs, "
+                                          "else the layout's product)"),
+    json_out: bool = typer.Option(False, "--json", help="--dry-run: print the report as JSON"),
 ) -> None:
     """Train a Grok-style MoE model on a text corpus (one process, or one rank of a torchrun job)."""
+    from gigafactory.train.threads import shared_machine_env
+
+    shared_machine_env()  # before torch loads: OpenMP reads it once
     from gigafactory.train import distributed
     from gigafactory.train.config import make_config
     from gigafactory.train.loop import train as run
@@ -57,6 +65,11 @@ def train(
         hang_timeout_s=hang_timeout,
     )
     cfg = make_config(**distributed.with_plan(options, plan))
+    if dry_run:
+        from gigafactory.train.dryrun import run_from_config
+
+        run_from_config(cfg, plan, world_size, json_out, console)
+        return
     result = run(cfg)
     if not distributed.finish(cfg, compare_plan, console):
         return

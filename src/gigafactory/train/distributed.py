@@ -158,7 +158,8 @@ class Distributed(Ranks):
         meshes = build_meshes(self.layout, self.device.type)
         self.dp_rank = meshes.dp.get_local_rank()
         self.par = parallelize(model, meshes, self.device, self.cfg.grad_accum, self.local_micro,  # type: ignore[arg-type]
-                               self.seq_len, seed=seed)
+                               self.seq_len, seed=seed,
+                               param_dtype=torch.bfloat16 if self.cfg.dtype == "bf16" else None)
         self.pipeline = self.par.pipeline
         self.counter = CommCounter()
         return self.par.model

@@ -1,0 +1,232 @@
+"""A dry run at the true world size: one whole training step of the real model at a plan's layout, on fake
+tensors and a fake process group, measured beside the planner's predictions.
+
+This process plays rank 0 of a world of any size: PyTorch's ``fake`` process-group backend accepts every
+collective without sending anything, `FakeTensorMode` gives tensors shapes and dtypes but no memory, and the
+FSDP2 memory tracker (`torch.distributed._tools.fsdp2_mem_tracker`) records what a real rank would hold, by
+category, through forward, backward and the optimizer step. The bytes of each collective are counted by the same
+`parallel.CommCounter` a real run uses. The model is built on ``meta`` and laid out by the trainer's own
+`parallel.parallelize`, in bf16 with FSDP2 mixed precision (what a GPU run uses).
+
+What differs from a real step, and why:
+- Attention runs as a shape-only stand-in for a fused kernel (`model.attention`: under fake tensors it keeps
+  what flash attention keeps, q/k/v, the output and a logsumexp per query, and no tile temporaries).
+- Expert parallelism assumes balanced routing (every rank sends each peer the same number of token copies), as
+  the planner does: the real dispatch sizes its all-to-all from routed counts, which fake tensors do not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from gigafactory.errors import UserError
+from gigafactory.model.grok import GrokModel, MoE
+from gigafactory.specs import ModelSpec
+from gigafactory.specs.layout import Layout
+
+MEMORY_KEYS = ("params", "grads", "optimizer", "activations_peak", "total_peak")
+
+
+def _fake_world(world: int) -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def _balanced_ep_dispatch(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """`parallel.expert.ep_dispatch_compute` with balanced routing: the same collectives and shapes."""
+    from gigafactory.parallel.comm import all_to_all
+
+    ep = group.size()
+    n_local = moe.n_experts // ep
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // moe.top_k
+    counts = torch.zeros(moe.n_experts, dtype=torch.int64, device=x.device)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    splits = [flat.numel() // ep] * ep
+    recv = all_to_all(x[token_of], splits, splits, group)
+    per_expert = torch.full((n_local,), recv.shape[0] // n_local, dtype=torch.int64, device=x.device)
+    out = all_to_all(moe.experts(recv, per_expert), splits, splits, group)
+    out = out * gates.reshape(-1)[order, None].to(out.dtype)
+    return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+
+
+def _use_balanced_dispatch(model: torch.nn.Module, group: dist.ProcessGroup) -> None:
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.dispatch_compute = types.MethodType(  # type: ignore[method-assign]
+            lambda self, x, g, i: _balanced_ep_dispatch(self, x, g, i, group), moe)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _memory(snapshot: dict[Any, Any]) -> dict[str, float]:
+    """Tracker categories → the planner's terms (bytes on this rank)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
+
+    dev = next(iter(snapshot.values())) if snapshot else {}
+    get = lambda *kinds: float(sum(dev.get(k, 0) for k in kinds))  # noqa: E731
+    return {"params": get(R.SHARDED_PARAM), "grads": get(R.SHARDED_GRAD), "optimizer": get(R.OPT),
+            "activations_peak": get(R.ACT), "total_peak": float(dev.get("Total", 0))}
+
+
+def _activation_peak(tracker: Any, root: torch.nn.Module) -> float:
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
+
+    stats = tracker.memory_tracking.get(root)
+    if stats is None:
+        return 0.0
+    return float(max((dev.get(R.ACT, 0) for snaps in stats.snapshots.values() for snap in snaps
+                      for dev in snap.values()), default=0))
+
+
+def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
+            seq_len: int) -> dict[str, Any]:
+    """One step of rank 0 at `layout` on a fake world of `world` ranks: memory by term and collective bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from gigafactory.model.init import materialize
+    from gigafactory.parallel import CommCounter, apply_layout, build_meshes, check_layout
+    from gigafactory.train.config import TrainConfig
+    from gigafactory.train.loop import build_optimizer
+
+    check_layout(layout, spec, world)
+    if layout.pp > 1 or layout.dp_shard * layout.dp_replicate == 1:
+        raise UserError("--dry-run measures FSDP layouts without pipeline stages (pp=1, dp_shard × dp_replicate "
+                        "> 1) for now; pick such a layout")
+    micro = batch_size // grad_accum // layout.dp
+    if micro < 1:
+        raise UserError(f"batch_size={batch_size} is too small for dp={layout.dp} with grad_accum={grad_accum}")
+    _fake_world(world)
+    device = torch.device("cpu")
+    try:
+        meshes = build_meshes(layout, device.type)
+        with torch.device("meta"):
+            model = GrokModel(spec)
+        # Laid out on meta (mesh bookkeeping needs real small tensors), then allocated as fake tensors.
+        par = apply_layout(model, meshes, device, grad_accum, micro, seq_len, param_dtype=torch.bfloat16)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants made outside the mode (DTensor's) are fine
+        with mode, _default_dtype(torch.float32):
+            materialize(par.model, spec, device, seed=0)
+            if layout.ep > 1:
+                _use_balanced_dispatch(par.model, meshes.ep.get_group())
+            optimizer = build_optimizer(par.model, TrainConfig())
+            tracker = FSDPMemTracker(par.model, optimizer)
+            counter = CommCounter()
+            with tracker, counter:
+                for i in range(grad_accum):
+                    tracker.reset_mod_stats()  # per-module stats per micro-batch; the step's peak is kept
+                    par.set_gradient_sync(i == grad_accum - 1)
+                    x = torch.randint(1, spec.vocab_size, (micro, seq_len))
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        logits = par.model(x)
+                    y = x[:, : logits.shape[1]]
+                    (F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / grad_accum).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+            # Parameters, gradients and optimizer state are held all step: read at its end. Activations: the
+            # most held at any moment of the model's forward and backward. Total: the peak of everything,
+            # including the transient buffers of gathers, reductions and the optimizer's update.
+            memory = _memory(tracker.get_tracker_snapshot())
+            memory["activations_peak"] = _activation_peak(tracker, par.model)
+            memory["total_peak"] = _memory(tracker.get_tracker_snapshot("peak"))["total_peak"]
+    finally:
+        dist.destroy_process_group()
+    collectives = {k: v for k, v in counter.bytes.items() if k != "other" and v}
+    return {"memory": memory, "collectives": collectives}
+
+
+def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int, seq_len: int,
+              gpu: str = "h100-sxm") -> dict[str, Any]:
+    """The planner's figures for the same run, with the same keys."""
+    from gigafactory.parallel.report import predicted_bytes
+    from gigafactory.plan.costmodel import Cluster, estimate
+    from gigafactory.specs.hardware import get_gpu
+
+    micro = batch_size // grad_accum // layout.dp
+    lay = layout.model_copy(update={"micro_batch": micro})
+    cost = estimate(spec, lay, Cluster.of(get_gpu(gpu), world), batch_size, seq_len, with_bytes=False)
+    m = cost.memory
+    act = m.get("activations", 0.0) + m.get("logits", 0.0)
+    memory = {"params": m["weights"], "grads": m["gradients"], "optimizer": m["optimizer"],
+              "activations_peak": act, "total_peak": sum(m.values())}
+    coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2)
+    return {"memory": memory, "collectives": {k: v for k, v in coll.items() if v}}
+
+
+def dry_run(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
+            seq_len: int) -> dict[str, Any]:
+    meas = measure(spec, layout, world, batch_size, grad_accum, seq_len)
+    pred = predicted(spec, layout, world, batch_size, grad_accum, seq_len)
+    keys = sorted(set(meas["collectives"]) | set(pred["collectives"]))
+    return {
+        "world_size": world,
+        "layout": layout.model_dump(),
+        "model": spec.name,
+        "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+        "memory": {"measured": meas["memory"], "predicted": pred["memory"]},
+        "collectives": {"measured": {k: meas["collectives"].get(k, 0.0) for k in keys},
+                        "predicted": {k: pred["collectives"].get(k, 0.0) for k in keys}},
+    }
+
+
+def world_of(plan: Path | None, layout: Layout, world_size: int | None) -> int:
+    if world_size is not None:
+        return world_size
+    if plan is not None:
+        n = json.loads(Path(plan).read_text()).get("n_gpus")
+        if isinstance(n, int) and n > 0:
+            return n
+    return layout.world_size
+
+
+def run_from_config(cfg: Any, plan: Path | None, world_size: int | None, json_out: bool, console: Any) -> dict:
+    """`gigafactory train --dry-run`: the report as JSON (``--json``) or as a table."""
+    from gigafactory.specs import load_spec
+
+    if cfg.layout is None:
+        raise UserError("--dry-run needs a layout: pass --plan plan.json or --layout (and --world-size)")
+    spec = load_spec(cfg.model)
+    layout = Layout.parse(cfg.layout)
+    world = world_of(plan, layout, world_size)
+    seq_len = cfg.seq_len or spec.max_seq_len
+    report = dry_run(spec, layout, world, cfg.batch_size, cfg.grad_accum, seq_len)
+    if json_out:
+        print(json.dumps(report, indent=1))
+    else:
+        console.print(format_report(report), highlight=False)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']} at {Layout(**report['layout']).short()} on {report['world_size']:,} ranks "
+             "(rank 0; fake tensors, fake process group)", f"{'term':<18}{'measured':>16}{'predicted':>16}{'diff':>9}"]
+    for section in ("memory", "collectives"):
+        meas, pred = report[section]["measured"], report[section]["predicted"]
+        for key in pred:
+            m, p = meas.get(key, 0.0), pred[key]
+            diff = f"{(m - p) / p:+.1%}" if p else "n/a"
+            lines.append(f"{key:<18}{m:>16,.0f}{p:>16,.0f}{diff:>9}")
+    return "\n".join(lines)
