@@ -26,14 +26,20 @@ def import_grok1(
 def import_hf(
     folder: Path = typer.Argument(..., help="a Hugging Face folder: config.json, *.safetensors, tokenizer"),
     run_dir: Path = typer.Option(..., help="the run directory to create"),
+    tokenizer: str | None = typer.Option(None, help="grok-1: use the packaged Grok-1 tokenizer (default: the "
+                                         "folder's tokenizer.model or tokenizer.json)"),
 ) -> None:
     """Import a Grok-1/Grok-2 style Hugging Face checkpoint."""
+    from gigafactory.errors import UserError
     from gigafactory.interop.hf import load_hf
     from gigafactory.interop.runs import refuse_existing, write_run
+    from gigafactory.tokenizer import GROK1
 
+    if tokenizer not in (None, GROK1):
+        raise UserError(f"unknown --tokenizer {tokenizer!r}; give grok-1, or leave it out to use the folder's")
     refuse_existing(run_dir)
     model, spec = load_hf(folder)
-    path = write_run(run_dir, model, folder, {"format": "hf", "source": str(folder)})
+    path = write_run(run_dir, model, tokenizer or folder, {"format": "hf", "source": str(folder)})
     print(f"imported {spec.name} ({spec.params_total:,} parameters) into {path}")
 
 
