@@ -65,7 +65,10 @@ class Int8Experts(nn.Module):
             self.register_buffer(f"{name}_q", q.contiguous())
             self.register_buffer(f"{name}_scale", s)
 
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, x: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """Same contract as `Experts.forward`; one int8 matmul per expert (the counts come to the host)."""
+        if isinstance(counts, Tensor):
+            counts = counts.tolist()
         outs = []
         for e, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
