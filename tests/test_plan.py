@@ -213,6 +213,21 @@ def test_check_rows_meet_the_held_out_bar(more_runs) -> None:
     assert more_runs["median_abs_rel_error"] <= 0.05 and more_runs["max_abs_rel_error"] <= 0.25
 
 
+def test_megatron_core_overlaps_p2p_only_when_interleaved() -> None:
+    """Megatron-Core turns overlap_p2p_comm off without virtual stages: plain 1F1B exposes every transfer."""
+    from gigafactory.plan.costmodel import MEGATRON_CORE_2024
+
+    g = PRESETS["grok-1"]
+    cl = Cluster.of(get_gpu("h100-sxm"), 64)
+    plain = estimate(g, Layout(dp_shard=4, tp=8, pp=2), cl, 64, 4096, MEGATRON_CORE_2024, with_bytes=False)
+    inter = estimate(g, Layout(dp_shard=4, tp=8, pp=2, pp_schedule="interleaved", pp_virtual=2), cl, 64, 4096,
+                     MEGATRON_CORE_2024, with_bytes=False)
+    assert plain.comm_s["pp"] > 0 and plain.exposed_comm_s["pp"] == pytest.approx(plain.comm_s["pp"])
+    assert inter.exposed_comm_s["pp"] == pytest.approx(inter.comm_s["pp"] * (1 - MEGATRON_CORE_2024.pp_overlap))
+    titan = estimate(g, Layout(dp_shard=4, tp=8, pp=2), cl, 64, 4096, MODERN, with_bytes=False)
+    assert titan.exposed_comm_s["pp"] < titan.comm_s["pp"]
+
+
 def test_eager_elementwise_costs_more_than_fused() -> None:
     g = PRESETS["tiny"]
     lay = Layout(dp_shard=8)
