@@ -1,6 +1,6 @@
 """Tensor- and expert-parallel serving on two gloo ranks (one torchrun job for both modes): greedy outputs equal
 the single-process engine's, each rank's KV pool holds half the key/value heads, and each rank keeps half of
-every split weight (the replicated embedding, head, norms and routers whole)."""
+every split weight (the replicated embedding, head, norms and routers whole); also with int8 weights."""
 
 import json
 import os
@@ -27,11 +27,16 @@ def result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["tp", "ep"])
+@pytest.mark.parametrize("mode", ["tp", "ep", "tp_int8"])
 def test_two_ranks_give_one_process_greedy_output(result, mode):
-    assert all(len(text) > 5 for text in result["reference"])
-    assert result[mode] == result["reference"]
+    reference = result["reference_int8" if mode.endswith("int8") else "reference_full"]
+    assert all(len(text) > 5 for text in reference)
+    assert result[mode] == reference
     assert result[f"{mode}_pool_heads"] == result["n_kv_heads"] // 2
+
+
+def test_int8_shards_are_smaller_still(result):
+    assert max(result["tp_int8_bytes"]) < 0.6 * result["tp_bytes"][0]
 
 
 @pytest.mark.parametrize("mode", ["tp", "ep"])
