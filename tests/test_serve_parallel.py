@@ -43,3 +43,17 @@ def test_int8_shards_are_smaller_still(result):
 def test_each_rank_keeps_half_of_the_split_weights(result, mode):
     full, replicated = result["full_bytes"], result["replicated_bytes"]
     assert result[f"{mode}_bytes"] == [replicated + (full - replicated) // 2] * 2
+
+
+def test_splits_that_cannot_work_are_one_line_errors():
+    from gigafactory.errors import UserError
+    from gigafactory.serve.parallel import check_split, ranks_for
+    from gigafactory.specs import load_spec
+
+    tiny = load_spec("tiny")
+    check_split(tiny, 2, ep=True)
+    with pytest.raises(UserError, match="key/value heads"):
+        check_split(tiny, 4, ep=False)
+    with pytest.raises(UserError, match="same N"):
+        ranks_for(2, 4)
+    assert ranks_for(1, 2) == (2, True) and ranks_for(2, 1) == (2, False)
