@@ -24,6 +24,7 @@ def test_normalise_and_pii_scrub():
     assert counts == {"email": 1, "phone": 2, "ip": 2}
     assert "example" not in text and "7946" not in text and "192.168" not in text
     assert "1.2.3" in text and "2024" in text  # not PII: too few digits
+    assert clean.scrub_pii("part 12-34-56 of the kit") == ("part 12-34-56 of the kit", {})
 
 
 def test_quality_rules_name_the_failing_rule():
@@ -36,6 +37,9 @@ def test_quality_rules_name_the_failing_rule():
     assert clean.quality_failure("### " * 10 + good, rules) == "symbol_ratio"
     assert clean.quality_failure("\n".join(["- item one", "- item two"] * 5 + ["x y z w"]), rules) is not None
     assert clean.quality_failure("12 34 56 78 90 11 12 13 14 15 the", rules) == "alpha_words"
+    repeated = "one two three four five six seven eight nine ten eleven twelve thirteen. " * 2
+    greek = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
+    assert clean.quality_failure(repeated + greek, rules) == "duplicate_5grams"
     fr = "Le chat est sur la table et le chien est dans la maison avec une balle pour le jeu."
     assert clean.quality_failure(fr, rules.model_copy(update={"language": "en"})) == "language"
     assert clean.quality_failure(fr, rules.model_copy(update={"language": "fr"})) is None
@@ -81,6 +85,7 @@ def test_prepare_removes_planted_duplicates_and_writes_verified_shards(corpus, t
     assert s["exact_recall"] == 1.0, s
     assert s["distinct_removed"] < 0.01, s
     by_id = {d["id"]: d for d in dropped}
+    assert all(by_id[c]["reason"] == "exact_duplicate" for c in corp.exact_ids)  # found by hash, before MinHash
     for cid, src in list(corp.source_of.items())[:50]:
         if cid in by_id:
             assert by_id[cid]["duplicate_of"] == src
