@@ -110,18 +110,23 @@ def chat(
             console.out(piece, end="", highlight=False)
         console.out("")
 
-    if prompt is not None:
-        turn(prompt)
-        return
-    console.print(f"chatting with {session.persona} (checkpoint step {session.step}); empty line or Ctrl-D ends")
-    while True:
-        try:
-            message = input("you> ").strip()
-        except EOFError:
-            break
-        if not message:
-            break
-        turn(message)
+    try:
+        if prompt is not None:
+            turn(prompt)
+            return
+        console.print(f"chatting with {session.persona} (checkpoint step {session.step}); empty line or Ctrl-D ends")
+        while True:
+            try:
+                message = input("you> ").strip()
+            except EOFError:
+                break
+            if not message:
+                break
+            turn(message)
+    finally:
+        # Join the engine thread before the interpreter exits: a daemon thread still inside a torch op at
+        # shutdown aborts the process ("terminate called without an active exception", exit -6).
+        session.close()
 
 
 def demo(
@@ -152,7 +157,10 @@ def demo(
     question = "What light through yonder window breaks?"
     console.print(f"[bold]Stranger:[/] {question}", highlight=False)
     console.print(f"[bold]{session.persona}:[/]", highlight=False)
-    console.out("".join(session.reply(question, seed=0)).strip(), highlight=False)
+    try:
+        console.out("".join(session.reply(question, seed=0)).strip(), highlight=False)
+    finally:
+        session.close()
 
 
 def register(app: typer.Typer) -> None:
