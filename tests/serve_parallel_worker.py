@@ -1,7 +1,7 @@
 """One rank of the tensor/expert-parallel serving test (started by torchrun from tests/test_serve_parallel.py;
-holds no tests itself). Rank 0 runs the engine on the same prompts, greedy: with the whole model in this process
-(the reference, full and int8), and over all ranks (`--tp N`, `--tp N --ep N`, `--tp N --weights int8`); it
-writes the outputs and every rank's resident weight bytes to OUT."""
+holds no tests itself). Rank 0 runs the engine twice on the same prompts, greedy: once with the whole model in
+this process (the reference), once over all ranks (`--tp N`, then `--tp N --ep N`); it writes both outputs and
+every rank's resident weight bytes to OUT."""
 
 from __future__ import annotations
 
@@ -57,17 +57,14 @@ def main() -> None:
     config = EngineConfig(max_batch=4, kv_cache_mb=1.0, block_size=4, step_tokens=8)
     result: dict = {}
     full_bytes = None
-    for mode in ("tp", "ep", "tp_int8"):
-        weights = "int8" if mode.endswith("int8") else "full"
-        if mode in ("tp", "tp_int8"):  # the one-process reference, full and int8 (loading is collective)
-            model, tok, _ = load_for_inference(run_dir, quiet=True, weights=weights)
-            if rank == 0:
-                prompts = [tok.encode(p).ids for p in PROMPTS]
-                result[f"reference_{weights}"] = generate(Engine(model, tok, config), prompts, 12)
+    for mode in ("tp", "ep"):
         model, tok, _ = load_for_inference(run_dir, quiet=True)
         full_bytes, result["replicated_bytes"] = weight_bytes(model), replicated_bytes(model)
         prompts = [tok.encode(p).ids for p in PROMPTS]
-        prepare(model, rank, world, ep=mode == "ep", weights=weights)
+        if rank == 0 and mode == "tp":
+            ref = Engine(model, tok, config)
+            result["reference"] = generate(ref, prompts, 12)
+        prepare(model, rank, world, ep=mode == "ep")
         bytes_here = weight_bytes(model)
         if rank == 0:
             lockstep = LockstepModel(model, world)

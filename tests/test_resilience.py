@@ -267,3 +267,4 @@ def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"in use by another job (pid {holder.pid}" in proc.stderr
     assert not (run / "ckpt").exists()
+

@@ -1,6 +1,6 @@
 """Tensor- and expert-parallel serving on two gloo ranks (one torchrun job for both modes): greedy outputs equal
 the single-process engine's, each rank's KV pool holds half the key/value heads, and each rank keeps half of
-every split weight (the replicated embedding, head, norms and routers whole); also with int8 weights."""
+every split weight (the replicated embedding, head, norms and routers whole)."""
 
 import json
 import os
@@ -27,33 +27,14 @@ def result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["tp", "ep", "tp_int8"])
+@pytest.mark.parametrize("mode", ["tp", "ep"])
 def test_two_ranks_give_one_process_greedy_output(result, mode):
-    reference = result["reference_int8" if mode.endswith("int8") else "reference_full"]
-    assert all(len(text) > 5 for text in reference)
-    assert result[mode] == reference
+    assert all(len(text) > 5 for text in result["reference"])
+    assert result[mode] == result["reference"]
     assert result[f"{mode}_pool_heads"] == result["n_kv_heads"] // 2
-
-
-def test_int8_shards_are_smaller_still(result):
-    assert max(result["tp_int8_bytes"]) < 0.6 * result["tp_bytes"][0]
 
 
 @pytest.mark.parametrize("mode", ["tp", "ep"])
 def test_each_rank_keeps_half_of_the_split_weights(result, mode):
     full, replicated = result["full_bytes"], result["replicated_bytes"]
     assert result[f"{mode}_bytes"] == [replicated + (full - replicated) // 2] * 2
-
-
-def test_splits_that_cannot_work_are_one_line_errors():
-    from gigafactory.errors import UserError
-    from gigafactory.serve.parallel import check_split, ranks_for
-    from gigafactory.specs import load_spec
-
-    tiny = load_spec("tiny")
-    check_split(tiny, 2, ep=True)
-    with pytest.raises(UserError, match="key/value heads"):
-        check_split(tiny, 4, ep=False)
-    with pytest.raises(UserError, match="same N"):
-        ranks_for(2, 4)
-    assert ranks_for(1, 2) == (2, True) and ranks_for(2, 1) == (2, False)

@@ -80,10 +80,6 @@ class Stack:
     # PyTorch's fused cross_entropy on .float() logits (torchtitan): cast 2+4, log-softmax 4+4+4, backward 4+4+4,
     # cast back 4+2 = 36.
     loss_bytes: int = 52
-    # ``pp_overlap`` applies only to the interleaved schedule: Megatron-Core (r0.8 and current) sets
-    # overlap_p2p_comm = False when no virtual stages are given ("non-interleaved schedule does not support
-    # overlapping p2p communication", megatron/training/arguments.py), so plain 1F1B exposes every transfer
-    pp_overlap_interleaved_only: bool = False
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
@@ -95,13 +91,12 @@ MEGATRON_2021 = Stack("megatron-2021", flash_attention=False, dp_overlap=0.0, tp
 # --overlap-grad-reduce and --overlap-param-gather, TE's TP communication overlap hides about half of TP traffic.
 MEGATRON_CORE_2024 = Stack("megatron-core-2024", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5,
                            pp_overlap=0.5, distributed_optimizer=True, fsdp=False, kernels_per_layer=20,
-                           logits_bytes=6, pp_overlap_interleaved_only=True)
+                           logits_bytes=6)
 # NeMo / Megatron-Bridge 25.x: Megatron-Core 0.13+ with Transformer Engine, grouped GEMMs for experts, fused
 # permutation; EP all-to-all still on the critical path unless --overlap-moe-expert-parallel-comm (not in the
 # published recipes we use).
 NEMO_2025 = Stack("nemo-2025", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5,
-                  distributed_optimizer=True, fsdp=False, kernels_per_layer=20, logits_bytes=6,
-                  pp_overlap_interleaved_only=True)
+                  distributed_optimizer=True, fsdp=False, kernels_per_layer=20, logits_bytes=6)
 # Megatron-DeepSpeed 3D parallelism as BLOOM and MT-NLG ran it (2021-22): Megatron's TP and kernels, DeepSpeed's
 # pipeline engine, ZeRO-1 over data parallelism (optimizer sharded, gradients reduced after the backward pass),
 # unfused softmax attention with dropout. No sequence parallelism (Korthikanti et al., May 2022, came after MT-NLG
@@ -798,8 +793,7 @@ def estimate(
         alpha, _ = level_alpha(cluster.n_gpus // lay.pp * 2, cluster)
         pp_one = act / sp / nic_bw + alpha
         comm["pp"] = n_micro * lay.pp_virtual * 2 * pp_one
-        pp_ov = 0.0 if stack.pp_overlap_interleaved_only and lay.pp_virtual == 1 else stack.pp_overlap
-        exposed["pp"] = comm["pp"] * (1 - pp_ov)
+        exposed["pp"] = comm["pp"] * (1 - stack.pp_overlap)
 
     inner_exposed = sum(exposed.values())
     mb_time = stage_layers_t + inner_exposed / n_micro

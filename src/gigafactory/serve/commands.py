@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from gigafactory.errors import UserError
-
 
 def serve(
     run_dir: Path = typer.Argument(..., help="a run directory written by `gigafactory train`"),
@@ -78,14 +76,10 @@ def serve(
         step_tokens=step_tokens,
         threads=threads,
     )
-    if (replicas > 1 or backend != "local") and (tp > 1 or ep > 1):
-        raise UserError("--replicas with --tp/--ep is not supported yet: run `serve --tp N` servers, then `router`")
     if replicas > 1 or backend != "local":
         from gigafactory.serve.scale import serve_replicas
 
-        engine_flags = ("max_batch", "kv_cache_mb", "block_size", "max_queue", "step_tokens", "threads")
-        args = [f"--{k.replace('_', '-')}={getattr(config, k)}" for k in engine_flags]
-        args += [f"--weights={weights}", f"--health-timeout={health_timeout}"]
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(config).items()] + [f"--weights={weights}"]
         args += [f"--personas={personas}"] if personas else []
         args += [f"--api-key={k}" for k in api_key or []] + ([f"--api-key-file={api_key_file}"] if api_key_file else [])
         actor = {"engine": vars(config), "personas": personas, "weights": weights, "api_key": api_key,

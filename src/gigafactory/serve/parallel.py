@@ -40,14 +40,14 @@ from torch import Tensor, nn
 from gigafactory.errors import UserError
 from gigafactory.model.grok import GrokModel, MoE
 from gigafactory.serve.kv_cache import BlockPool, PagedBatch
-from gigafactory.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 _FORWARD, _NOOP, _STOP = 1, 2, 3
 _KEEPALIVE_S = 60.0  # an idle rank 0 pings the others so no collective waits long enough to time out
 
 
-def check_split(spec: ModelSpec, world: int, ep: bool) -> None:
+def check_split(model: GrokModel, world: int, ep: bool) -> None:
+    spec = model.spec
     problems = []
     if spec.n_kv_heads % world:
         problems.append(f"{spec.n_kv_heads} key/value heads")
@@ -58,10 +58,7 @@ def check_split(spec: ModelSpec, world: int, ep: bool) -> None:
     if spec.dense_ffn and spec.dense_ffn % world:
         problems.append(f"a dense FFN of {spec.dense_ffn}")
     if problems:
-        raise UserError(
-            f"{spec.name} cannot be split over {world} ranks ({', '.join(problems)}: not divisible by {world}); "
-            "choose --tp/--ep that divides them"
-        )
+        raise UserError(f"{spec.name} cannot be split over {world} ranks: {', '.join(problems)} do not divide")
 
 
 def _take(t: Tensor, dim: int, rank: int, world: int) -> Tensor:
@@ -75,7 +72,7 @@ def _set(module: nn.Module, name: str, value: Tensor) -> None:
 
 def shard_model(model: GrokModel, rank: int, world: int, ep: bool) -> None:
     """Keep rank `rank`'s share of every split weight (in place; see the module docstring)."""
-    check_split(model.spec, world, ep)
+    check_split(model, world, ep)
     for block in model.layers.values():
         attn = block.attn
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
@@ -238,10 +235,7 @@ def ranks_for(tp: int, ep: int) -> tuple[int, bool]:
 
 def serve_parallel(run_dir: Any, tp: int, ep: int, host: str, port: int, cards_dir: Any, config: Any,
                    health_timeout: float, weights: str, options: Any = None) -> None:  # fmt: skip
-    from gigafactory.runs import load_run_spec
-
     world, whole_experts = ranks_for(tp, ep)
-    check_split(load_run_spec(run_dir), world, whole_experts)  # before starting any rank
     if "WORLD_SIZE" not in os.environ:
         _relaunch(world)
     if int(os.environ["WORLD_SIZE"]) != world:

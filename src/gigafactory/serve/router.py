@@ -167,7 +167,7 @@ class Router:
 
     async def check(self, replica: Replica) -> None:
         try:
-            resp = await self.client.get(f"{replica.url}/health", timeout=max(5.0, self.health_interval))
+            resp = await self.client.get(f"{replica.url}/health", timeout=max(1.0, self.health_interval))
             self.mark(replica, resp.status_code == 200)
         except httpx.HTTPError:
             self.mark(replica, False)

@@ -46,8 +46,8 @@ def serve_replicas(run_dir: Path, replicas: int, backend: str, host: str, port: 
 
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not Path(run_dir).is_dir():
-        raise UserError(f"{run_dir} is not a run directory; train one with `gigafactory train`")
+    if not (Path(run_dir) / "checkpoints").exists() and not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a run directory")
     fleet = (
         LocalReplicas(Path(run_dir), replicas, serve_args)
         if backend == "local"

@@ -123,9 +123,7 @@ class SiteSpec(BaseModel):
 # stage's activations, the 145.6B/18.4B rows' micro-batch and interleaving from Megatron's sc21 run_table_1.sh):
 # the lowest median among the pairs within the bar's 15 % max is Ampere 0.85 / Hopper 0.90 (median 4.0 %, max
 # 14.9 % with the loss traffic and DeepSpeed schedule of the same pass; 0.90/0.90: 4.85 % / 14.4 %). Blackwell has
-# no fit row and reuses Hopper's value. Fourth pass (the Megatron-Core r0.8 pipelined rows interleave, see
-# docs/plan.md): re-checked with the same grid and rule, unchanged (0.85 / 0.90: median 2.3 %, max 14.9 %).
-# It is the least-sourced constant
+# no fit row and reuses Hopper's value. It is the least-sourced constant
 # here: replace it with a measured sustained-GEMM figure when one is available (catalog override file).
 # fp8_matmul_eff: FP8 (E4M3) GEMM rate / FP8 dense peak. Assumption: 0.70 on Hopper, i.e. ~1.75× the BF16 GEMM
 # rate at the same shape, below the 2× of the peaks because FP8 GEMMs hit the power limit sooner and carry

@@ -87,11 +87,15 @@ def _torchrun_child() -> None:
 
 
 def torchrun_command(nproc: int, nnodes: str, rdzv_endpoint: str | None, rdzv_id: str, port: int,
-                     join_wait_s: int, args: list[str]) -> list[str]:
+                     join_wait_s: int, args: list[str], local_addr: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0"]
     if rdzv_endpoint:
+        conf = f"last_call_timeout={join_wait_s}"
+        if local_addr:  # this host's address: it hosts the rendezvous exactly when the endpoint is that address
+            conf += f",is_host={str(rdzv_endpoint.rsplit(':', 1)[0] == local_addr).lower()}"
+            cmd += [f"--local-addr={local_addr}"]
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                f"--rdzv-id={rdzv_id}", f"--rdzv-conf=last_call_timeout={join_wait_s}"]
+                f"--rdzv-id={rdzv_id}", f"--rdzv-conf={conf}"]
     elif nnodes not in ("1", "1:1"):
         raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the host that hosts the rendezvous)")
     elif port == 0:
@@ -108,6 +112,9 @@ def launch(
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-host)"),
     rdzv_id: str = typer.Option("gigafactory", "--rdzv-id", help="job id shared by all hosts"),
     join_wait: int = typer.Option(30, "--join-wait", min=0, help="seconds a rendezvous waits for more than MIN hosts"),
+    local_addr: str | None = typer.Option(
+        None, "--local-addr", help="this host's address on the job's network (hosts with several, or one name)"
+    ),
     port: int = typer.Option(0, help="single host: rendezvous port (0 = pick a free one)"),
     max_restarts: int = typer.Option(0, min=0, help="restarts allowed within --restart-window (the trainer resumes)"),
     restart_window: str = typer.Option("1h", "--restart-window", help="e.g. 30m, 1h, 1d; 0 = over the whole job"),
@@ -117,7 +124,7 @@ def launch(
     if not args:
         raise UserError("launch needs a command to run, e.g. `gigafactory launch --nproc 2 train --layout dp_shard=2`")
     window = parse_duration(restart_window)
-    cmd = torchrun_command(nproc, nnodes, rdzv_endpoint, rdzv_id, port, join_wait, args)
+    cmd = torchrun_command(nproc, nnodes, rdzv_endpoint, rdzv_id, port, join_wait, args, local_addr)
     budget = RestartBudget(max_restarts, window)
     # CPU ranks share the cores: one thread each avoids oversubscription (torchrun would warn and do the same).
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with the rendezvous store shared, ranks restarted in place can be handed

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gigafactory import checkpoint as ckpt
 from gigafactory.checkpoint import CheckpointException
@@ -183,8 +184,68 @@ class Watchdog:
         self._stop.set()
 
 
+class CollectiveClock(TorchDispatchMode):
+    """Notes when this rank enters each collective of a step (wall clock) and over which ranks. A rank that is
+    slow arrives last; the others wait for it inside the collective, so step times are all alike and only the
+    arrival times tell who held the job up (see `straggler_report`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[tuple[tuple[int, ...], float]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        from gigafactory.parallel.comm import _OPS  # the collectives the byte counter knows: one list
+
+        if func in _OPS:
+            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+            try:
+                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
+            except (ValueError, RuntimeError):  # a group this process cannot name: leave it out
+                ranks = ()
+            if len(ranks) > 1:
+                self.entries.append((ranks, time.time()))
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> list[tuple[tuple[int, ...], float]]:
+        out, self.entries = self.entries, []
+        return out
+
+
+def collective_waits(entries_by_rank: list[list[tuple[tuple[int, ...], float]]]) -> list[float]:
+    """Seconds each rank spent waiting for the last arrival, summed over its collectives. The k-th collective a
+    rank enters on a group is the k-th of every member (they issue the same sequence on each group)."""
+    waits = [0.0] * len(entries_by_rank)
+    per_group: dict[tuple[int, ...], dict[int, list[float]]] = {}
+    for rank, entries in enumerate(entries_by_rank):
+        for ranks, t in entries:
+            per_group.setdefault(tuple(ranks), {}).setdefault(rank, []).append(t)
+    for ranks, times in per_group.items():
+        members = [r for r in ranks if r in times]
+        n = min(len(times[r]) for r in members)
+        for k in range(n):
+            last = max(times[r][k] for r in members)
+            for r in members:
+                waits[r] += last - times[r][k]
+    return waits
+
+
+def straggler_report(step_s: float, clock: CollectiveClock, group: Any = None) -> dict[str, Any]:
+    """Every rank's step time split into compute and collective waits, and the ranks whose compute took more than
+    1.5x the median: the stragglers. Collective over all ranks (a small object gather per step)."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (step_s, clock.take()), group=group)
+    waits = collective_waits([e for _, e in gathered])
+    compute = [max(t - w, 0.0) for (t, _), w in zip(gathered, waits, strict=True)]
+    out: dict[str, Any] = {"step_time_max_s": max(t for t, _ in gathered),
+                           "compute_time_s": [round(c, 4) for c in compute],
+                           "collective_wait_s": [round(w, 4) for w in waits]}
+    if slow := stragglers(compute):
+        out["stragglers"] = slow
+    return out
+
+
 def stragglers(step_times: list[float], ratio: float = 1.5) -> list[int]:
-    """Ranks whose step took more than `ratio` × the median of all ranks."""
+    """Ranks whose time (compute, not waits) took more than `ratio` × the median of all ranks."""
     if len(step_times) < 2:
         return []
     median = statistics.median(step_times)
@@ -202,7 +263,8 @@ def young_daly_steps(checkpoint_cost_s: float, mtbf_s: float, step_time_s: float
 class FaultInjector:
     """Test hook, off unless GIGAFACTORY_FAULT is set: `kill:rank=R:step=S` (SIGKILL this rank before step S,
     first attempt only), `nan:step=S` (a non-finite loss at step S: a bad batch, so once; a rollback skips it),
-    `hang:rank=R:step=S` (stop responding)."""
+    `hang:rank=R:step=S` (stop responding), `slow:rank=R:step=S:ms=M` (a straggler: M ms of extra work inside
+    the step). Without `rank` a fault applies to every rank, without `step` to every step."""
 
     def __init__(self, spec: str | None = None) -> None:
         self.faults: list[tuple[str, dict[str, int]]] = []
@@ -216,8 +278,13 @@ class FaultInjector:
     def _match(self, kind: str, step: int) -> bool:
         rank = dist.get_rank() if dist.is_initialized() else 0
         return any(
-            k == kind and a.get("step") == step and a.get("rank", rank) == rank for k, a in self.faults
+            k == kind and a.get("step", step) == step and a.get("rank", rank) == rank for k, a in self.faults
         )
+
+    def _slow_ms(self, step: int) -> int:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return sum(a.get("ms", 0) for k, a in self.faults
+                   if k == "slow" and a.get("step", step) == step and a.get("rank", rank) == rank)
 
     def before_step(self, step: int) -> None:
         if not restarted() and self._match("kill", step):
@@ -227,6 +294,10 @@ class FaultInjector:
                 time.sleep(3600)
 
     def poison(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Called inside the step, between the forward and the backward (so a `slow` fault is compute, between
+        two collectives, as a real straggler's would be)."""
+        if self.faults and (ms := self._slow_ms(step)):
+            time.sleep(ms / 1000)
         if ("nan", step) in self.fired or not self._match("nan", step):
             return loss
         self.fired.add(("nan", step))
