@@ -41,3 +41,43 @@ def test_cli_dry_run_json(cli, tmp_path) -> None:  # noqa: ANN001
     assert report["world_size"] == 4 and report["layout"]["dp_shard"] == 4
     assert set(report["memory"]["measured"]) == set(report["memory"]["predicted"])
     assert not (tmp_path / "r").exists()  # a dry run trains nothing and writes nothing
+
+
+def _two_layers(name: str):  # noqa: ANN202
+    """The real Grok dimensions (d_model, heads, vocabulary, experts, FFN widths) with 2 of the 64 layers: every
+    per-layer term is the real one and the run takes seconds (64 layers: minutes)."""
+    from gigafactory.specs import ModelSpec
+
+    return ModelSpec(**{**load_spec(name).model_dump(), "n_layers": 2, "name": f"{name}-2-layers"})
+
+
+# (model, layout, world size, global batch in sequences, grad_accum): the layouts `gigafactory plan --model M
+# --gpus N` chose (plan --export's plan.json), plus one with TP, EP and FSDP together.
+GROK = [
+    ("grok-1", "dp_replicate=4,dp_shard=512,ep=2,micro_batch=2,recompute=full", 2048, 8192, 2),
+    ("grok-1", "dp_replicate=8,dp_shard=1024,ep=4,recompute=full", 8192, 8192, 1),
+    ("grok-1", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1),
+    ("grok-2", "dp_replicate=4,dp_shard=1024,ep=2,micro_batch=2,recompute=full", 4096, 8192, 1),
+    pytest.param("grok-2", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1,
+                 marks=pytest.mark.xfail(strict=True, reason="this trainer keeps grok-2's untied embedding and "
+                                         "head whole on every tp rank; the planner's memory splits the vocabulary "
+                                         "(+13% with 2 layers, ~0.4% with all 64)")),
+    pytest.param("grok-2", "dp_replicate=10,dp_shard=1000,tp=2,ep=4,recompute=full", 20000, 10000, 1,
+                 marks=pytest.mark.xfail(strict=True, reason="the seed plan shards experts over 250 ranks; FSDP2 "
+                                         "splits d_model (8192) only evenly, so each rank holds a whole expert")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "layout", "world", "batch", "accum"), GROK)
+def test_grok_dry_run_at_true_world_size(name: str, layout: str, world: int, batch: int, accum: int) -> None:
+    lay = Layout.parse(layout)
+    r = dry_run(_two_layers(name), lay, world, batch_size=batch, grad_accum=accum, seq_len=8192)
+    mem, coll = r["memory"], r["collectives"]
+    print(json.dumps(r))
+    for key in STATE:
+        assert _rel(mem["measured"][key], mem["predicted"][key]) <= 0.10, (key, mem)
+    kinds = ["all_gather", "reduce_scatter", "all_to_all"] + ([] if lay.tp > 1 else ["all_reduce"])
+    for kind in kinds:
+        if kind in coll["predicted"]:
+            assert _rel(coll["measured"][kind], coll["predicted"][kind]) <= 0.10, (kind, coll)

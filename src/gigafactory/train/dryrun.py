@@ -144,6 +144,9 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
                         logits = par.model(x)
                     y = x[:, : logits.shape[1]]
                     (F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / grad_accum).backward()
+                # Clipping's traffic: gradients still partial over tp are summed (its global norm is a scalar
+                # all-reduce the planner does not count, and reading it needs values fake tensors lack).
+                par._sum_over_tp(counter)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=False)
             # Parameters, gradients and optimizer state are held all step: read at its end. Activations: the
