@@ -287,6 +287,11 @@ def test_per_caller_rate_and_concurrency_limits(state):
         assert [r.status_code for r in codes[:3]] == [200] * 3
         assert codes[3].status_code == 429 and codes[3].json()["error"]["code"] == "rate_limit_exceeded"
         assert int(codes[3].headers["retry-after"]) >= 1
+    # With keys, each key has its own bucket.
+    keyed = ServerOptions(api_keys=ApiKeys([KEY, "sk-second-key-abcdef"]), rate_per_caller=2, concurrency_per_caller=0)
+    with running(create_app(state, keyed)) as base:
+        assert [post(base, CHAT, chat()).status_code for _ in range(3)] == [200, 200, 429]
+        assert post(base, CHAT, chat(), key="sk-second-key-abcdef").status_code == 200
     from gigafactory.serve.limits import CallerLimits
 
     limits = CallerLimits(concurrency=2)

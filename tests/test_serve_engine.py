@@ -294,6 +294,9 @@ def test_truncation_drops_oldest_history_then_card_parts_never_the_system_prompt
     assert "newest question" in cut and "m07" in cut and "m00" not in cut  # oldest speeches went first
     assert "Hello, Stranger." not in cut  # the greeting is the oldest speech
     assert "Ada is an engineer" in cut  # the card stays while history can go
+    # Tokens of a whole prompt need not add up from its parts: the check on the whole prompt cuts further.
+    lumpy = ada.render(history, 0, lambda s: len(s) + (len(s) // 40) ** 2, budget)
+    assert len(lumpy) + (len(lumpy) // 40) ** 2 <= budget and "newest question" in lumpy and "Be kind." in lumpy
     # A card longer than the context: history down to the newest message, then examples, lore, scenario, ...
     long = json.loads(json.dumps(CARD))
     long["data"]["description"] = "{{char}} " + "builds engines " * 200
