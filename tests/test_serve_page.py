@@ -113,8 +113,13 @@ def test_chat_page_in_headless_chromium(page_url, tmp_path_factory):
             # Two turns, each streamed into the page; the second request carries the whole conversation.
             for turn, text in enumerate(["Hello there", "What do you build?"]):
                 page.fill("#input", text)
-                page.click("#send")
+                with page.expect_response(lambda r: r.url.endswith("/chat/completions")) as streamed:
+                    page.click("#send")
                 expect(page.locator("#status")).to_have_text("done", timeout=60_000)
+                # The bubble shows every streamed piece, in order.
+                events = [line[6:] for line in streamed.value.text().splitlines() if line.startswith("data: {")]
+                sent = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events)
+                assert page.locator(".msg.assistant .text").last.text_content() == sent
                 expect(page.locator(".msg.user")).to_have_count(turn + 1)
                 expect(page.locator(".msg.assistant")).to_have_count(turn + 2)
             assert [m["role"] for m in posted[-1]["messages"]] == ["assistant", "user", "assistant", "user"]
