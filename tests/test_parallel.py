@@ -1,11 +1,13 @@
-"""Multi-process equivalence (gloo, 2-4 ranks, `tiny`, fp32): every layout trains what one process trains.
+"""Multi-process equivalence (gloo, 2-8 ranks, a 4-layer test model, fp32): every layout trains what one process
+trains.
 
-One launch per layout checks losses and step-1 gradients together; the FSDP and TP launches also leave the
-checkpoints the resharding tests resume from; the FSDP, TP and EP launches' metrics give the measured bytes per
-collective that are compared with the planner."""
+One torchrun job per world size runs all of its layouts (`test_parallel_worker`); each run gives losses and
+step-1 gradients (compared with one process), its metrics give the measured bytes per collective (compared with
+the planner), and its checkpoints feed the resharding tests, which resume them under other layouts."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ import torch
 from gigafactory.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel_worker import config, run  # noqa: E402
+from test_parallel_worker import SPEC, config, run  # noqa: E402
 
 WORKER = Path(__file__).with_name("test_parallel_worker.py")
 LAYOUTS = {  # name -> (layout, ranks)
@@ -26,11 +28,27 @@ LAYOUTS = {  # name -> (layout, ranks)
     "tp2": ("tp=2", 2),
     "ep2": ("dp_shard=2,ep=2", 2),
     "pp2": ("pp=2,pp_schedule=1f1b", 2),
+    "pp2_interleaved": ("pp=2,pp_schedule=interleaved,pp_virtual=2", 2),
+    "pp2_zero_bubble": ("pp=2,pp_schedule=zero_bubble", 2),
+    "cp2": ("cp=2", 2),
     "fsdp2_tp2": ("dp_shard=2,tp=2", 4),
     "fsdp2_ep2": ("dp_shard=4,ep=2", 4),  # experts: ep=2 × FSDP over the other 2 of dp_shard
     "hsdp": ("dp_replicate=2,dp_shard=2", 4),
     "ep2_tp2": ("dp_shard=2,ep=2,tp=2", 4),  # experts whole over the 2 data-parallel ranks, attention over tp
+    "pp2_fsdp2": ("pp=2,dp_shard=2", 4),
+    "pp2_tp2": ("pp=2,tp=2", 4),
+    "fsdp2_cp2": ("dp_shard=2,cp=2", 4),
+    "pp2_fsdp2_tp2": ("pp=2,dp_shard=2,tp=2", 8),
+    "fsdp4_ep2_tp2": ("dp_shard=4,ep=2,tp=2", 8),
+    "pp2_cp2_fsdp2": ("pp=2,cp=2,dp_shard=2", 8),
 }
+# Resumed at step 3 from another layout's checkpoint: name -> (source run, layout, ranks)
+RESUMES = {
+    "fsdp2_then_fsdp2_tp2": ("fsdp2", "dp_shard=2,tp=2", 4),
+    "pp2_tp2_then_fsdp4": ("pp2_tp2", "dp_shard=4", 4),
+    "pp2_tp2_then_cp2_fsdp2": ("pp2_tp2", "cp=2,dp_shard=2", 4),
+}
+BF16 = {"fsdp2_bf16": ("dp_shard=2", 2)}  # FSDP2 mixed precision, for the byte test only
 REL = 1e-4
 
 
@@ -40,28 +58,52 @@ def _copy_prepared(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _launch(run_dir: Path, layout: str, nproc: int, resume: bool = False, dtype: str = "fp32") -> dict:
-    out = run_dir.parent / f"{run_dir.name}.out"
+def _resume_copy(root: Path, src: str, dst: str) -> Path:
+    """`src`'s run directory cut back to its step-3 checkpoint (as if it stopped there)."""
+    path = root / dst
+    shutil.copytree(root / src, path)
+    shutil.rmtree(path / "ckpt" / "step_000005")
+    return path
+
+
+def _launch(root: Path, jobs: dict[str, tuple[Path, str, bool]], nproc: int) -> dict[str, dict]:
+    """One torchrun job running every (run_dir, layout, resume) in `jobs` in turn."""
+    spec = [[str(d), lay, str(root / f"{name}.out"), "resume" if res else "fresh", "bf16" if name in BF16 else "fp32"]
+            for name, (d, lay, res) in jobs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
-           str(run_dir), layout, str(out), "resume" if resume else "fresh", dtype]
+           json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, f"{layout} failed:\n{proc.stderr[-4000:]}"
-    losses: list[float] = []
-    grads: dict[str, torch.Tensor] = {}
-    for r in range(nproc):
-        part = torch.load(f"{out}.rank{r}.pt")
-        losses = losses or part["losses"]
-        grads.update(part["grads"])
-    return {"losses": losses, "grads": grads, "metrics": run_dir / "metrics.jsonl"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{list(jobs)} failed:\n{proc.stderr[-4000:]}"
+    out = {}
+    for name, (d, _, _) in jobs.items():
+        losses: list[float] = []
+        grads: dict[str, torch.Tensor] = {}
+        for r in range(nproc):
+            part = torch.load(root / f"{name}.out.rank{r}.pt")
+            losses = losses or part["losses"]
+            grads.update(part["grads"])
+        out[name] = {"losses": losses, "grads": grads, "metrics": d / "metrics.jsonl"}
+    return out
 
 
 class _Runs(dict):
-    """Layout runs launched on first use (so a `-k` selection starts only the runs it needs)."""
+    """Runs launched on first use, all layouts of one world size in one job (so a `-k` selection starts only
+    the jobs it needs)."""
 
     def __missing__(self, name: str) -> dict:
-        layout, nproc = LAYOUTS[name]
-        self[name] = _launch(_copy_prepared(self["root"] / "single", self["root"] / name), layout, nproc)
+        root = self["root"]
+        if name in RESUMES:
+            nproc = RESUMES[name][2]
+            group = {n: r for n, r in RESUMES.items() if r[2] == nproc and n not in self}
+            for src, _, _ in group.values():
+                self[src]  # the source runs first
+            todo = {n: (_resume_copy(root, src, n), lay, True) for n, (src, lay, _) in group.items()}
+        else:
+            nproc = {**LAYOUTS, **BF16}[name][1]
+            todo = {n: (_copy_prepared(root / "single", root / n), lay, False)
+                    for n, (lay, k) in {**LAYOUTS, **BF16}.items() if k == nproc and n not in self}
+        self.update(_launch(root, todo, nproc))
         return self[name]
 
 
@@ -91,31 +133,22 @@ def test_losses_and_gradients_match_one_process(runs: dict, name: str) -> None:
         assert err <= REL, f"{name}: gradient of {key} differs by {err:.2e} (relative norm)"
 
 
-def _resume_copy(runs: dict, src: str, dst: str) -> Path:
-    """`src`'s run directory cut back to its step-3 checkpoint (as if it stopped there)."""
-    root = runs["root"]
-    path = root / dst
-    shutil.copytree(root / src, path)
-    shutil.rmtree(path / "ckpt" / "step_000005")
-    return path
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_checkpoint_reshards_across_layouts(runs: dict, name: str) -> None:
+    got, ref = runs[name]["losses"], runs["single"]["losses"][3:]
+    assert len(got) == 2
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) <= REL, (name, got, ref)
 
 
-def test_checkpoint_reshards_fsdp_to_tp(runs: dict) -> None:
-    got = _launch(_resume_copy(runs, "fsdp2", "fsdp2_then_tp2"), "tp=2", 2, resume=True)
-    ref = runs["single"]["losses"][3:]
-    assert len(got["losses"]) == 2
-    for a, b in zip(got["losses"], ref, strict=True):
-        assert _rel(a, b) <= REL, (got["losses"], ref)
-
-
-def test_checkpoint_reshards_tp_to_one_process(runs: dict) -> None:
-    path = _resume_copy(runs, "tp2", "tp2_then_single")
-    got = run(str(path), None, resume=True)
+def test_checkpoint_reshards_pipeline_tp_to_one_process(runs: dict) -> None:
+    runs["pp2_tp2"]
+    got = run(str(_resume_copy(runs["root"], "pp2_tp2", "pp2_tp2_then_single")), None, resume=True)
     for a, b in zip(got["losses"], runs["single"]["losses"][3:], strict=True):
         assert _rel(a, b) <= REL
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "tp2", "ep2", "hsdp", "ep2_tp2"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> None:
     from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
     from gigafactory.specs import load_spec
@@ -123,7 +156,7 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
 
     layout = Layout.parse(LAYOUTS[name][0])
     cfg = config("unused", None)
-    predicted = predicted_bytes(load_spec("tiny"), layout, cfg.batch_size, cfg.grad_accum, cfg.seq_len or 0, 4)
+    predicted = predicted_bytes(load_spec(SPEC), layout, cfg.batch_size, cfg.grad_accum, cfg.seq_len or 0, 4)
     rows = comparison_rows(measured_bytes(runs[name]["metrics"]), predicted)
     print(f"\n{layout.short()}\n{format_rows(rows)}")
     for row in rows:
@@ -140,12 +173,11 @@ def test_bf16_collective_bytes_match_the_planner(runs: dict) -> None:
     from gigafactory.specs import load_spec
     from gigafactory.specs.layout import Layout
 
-    layout = "dp_shard=2"
-    got = _launch(_copy_prepared(runs["root"] / "single", runs["root"] / "fsdp2_bf16"), layout, 2, dtype="bf16")
+    layout = BF16["fsdp2_bf16"][0]
     cfg = config("unused", None)
-    predicted = predicted_bytes(load_spec("tiny"), Layout.parse(layout), cfg.batch_size, cfg.grad_accum,
+    predicted = predicted_bytes(load_spec(SPEC), Layout.parse(layout), cfg.batch_size, cfg.grad_accum,
                                 cfg.seq_len or 0, 2)
-    rows = comparison_rows(measured_bytes(got["metrics"]), predicted)
+    rows = comparison_rows(measured_bytes(runs["fsdp2_bf16"]["metrics"]), predicted)
     print(f"\nbf16 {layout}\n{format_rows(rows)}")
     assert {r["collective"] for r in rows} >= {"all_gather", "reduce_scatter"}
     for row in rows:
@@ -163,7 +195,7 @@ def test_mfu_is_per_gpu(runs: dict, name: str) -> None:
     world = 1 if name == "single" else LAYOUTS[name][1]
     path = runs[name]["metrics"] if name != "single" else runs["root"] / "single" / "metrics.jsonl"
     cfg = config("unused", None)
-    flops_per_token = load_spec("tiny").flops_per_token(cfg.seq_len)
+    flops_per_token = load_spec(SPEC).flops_per_token(cfg.seq_len)
     for rec in map(json.loads, path.read_text().splitlines()):
         assert 0 < rec["mfu"] <= 1, rec
         assert rec["tokens_per_s_per_gpu"] * world == pytest.approx(rec["tokens_per_s"])
@@ -177,7 +209,7 @@ def test_mfu_is_per_gpu(runs: dict, name: str) -> None:
         ("dp_shard=3", 4, "multiply"),
         ("tp=3,dp_shard=1", 3, "tp=3 must divide"),
         ("dp_shard=3,ep=3", 3, "ep=3 does not divide"),
-        ("pp=4", 4, "stages"),
+        ("pp=8", 8, "stages"),
     ],
 )
 def test_wrong_layouts_fail_before_any_process_group_work(
@@ -191,7 +223,7 @@ def test_wrong_layouts_fail_before_any_process_group_work(
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(UserError) as err:
-        distributed.setup(config(str(tmp_path), layout), load_spec("tiny"), 32)
+        distributed.setup(config(str(tmp_path), layout), load_spec(SPEC), 32)
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not dist.is_initialized()
 

@@ -1,22 +1,27 @@
-"""One rank of a multi-process run for tests/test_parallel.py (started by torchrun; holds no tests itself).
+"""Ranks of multi-process runs for tests/test_parallel.py (started by torchrun; holds no tests itself).
 
-Trains the `tiny` model under a layout and saves, per rank, the losses and the full gradients of step 1 (taken
-just before the optimizer step, i.e. after clipping, so the global gradient norm is checked as well)."""
+Trains a small test model (`tests/data/deep_tiny.json`: 4 layers, so 2 pipeline ranks × 2 virtual stages have a
+layer each) under a layout and saves, per rank, the losses and the full gradients of step 1 (taken just before
+the optimizer step, i.e. after clipping, so the global gradient norm is checked as well). One torchrun job runs
+several layouts of the same world size one after another (a process group per run) to save start-up time."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
+
+SPEC = str(Path(__file__).with_name("data") / "deep_tiny.json")
 
 
 def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5, dtype: str = "fp32"):  # noqa: ANN201
     from gigafactory.train.config import make_config
 
-    return make_config(model="tiny", steps=steps, run_dir=run_dir, batch_size=8, grad_accum=2, seq_len=32, lr=3e-3,
+    return make_config(model=SPEC, steps=steps, run_dir=run_dir, batch_size=8, grad_accum=2, seq_len=32, lr=3e-3,
                        warmup_steps=1, eval_every=100, eval_windows=4, checkpoint_every=3, dtype=dtype,
                        layout=layout, resume=resume)
 
@@ -40,12 +45,14 @@ def run(run_dir: str, layout: str | None, resume: bool, dtype: str = "fp32") -> 
 
 
 if __name__ == "__main__":
-    run_dir, layout, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
-    res = run(run_dir, layout, resume, dtype=sys.argv[5] if len(sys.argv) > 5 else "fp32")
-    rank = int(os.environ["RANK"])
-    torch.save({"losses": res["losses"], "grads": res["grads"]}, f"{out}.rank{rank}.pt")
     from gigafactory.train import distributed
 
+    # argv: a JSON list of [run_dir, layout, out_prefix, "fresh" | "resume", dtype]. The default process group
+    # stays up between runs (each run builds its own mesh); it is torn down once at the end.
+    res: dict = {}
+    for run_dir, layout, out, mode, dtype in json.loads(sys.argv[1]):
+        res = run(run_dir, layout, mode == "resume", dtype)
+        rank = int(os.environ["RANK"])
+        torch.save({"losses": res["losses"], "grads": res["grads"]}, f"{out}.rank{rank}.pt")
+        torch.distributed.barrier()
     distributed.finish(res["trainer"].cfg, False, None)
-    if rank == 0:
-        print(json.dumps(res["losses"]))

@@ -123,7 +123,7 @@ def test_full_100k_search_is_fast_and_finds_a_plan() -> None:
     res = search(PRESETS["grok-2"], cluster, 64 * 2**20, 8192, MODERN)
     assert time.perf_counter() - t0 < 1.0
     # The space is what the trainer runs (specs.layout.check_supported); it grows as the trainer learns layouts.
-    assert res.ranked and res.evaluated > 5 and res.best.fits
+    assert res.ranked and res.evaluated > 100 and res.best.fits
     best = res.best
     check_supported(best.layout, PRESETS["grok-2"], 100_000, 8)
     assert all(_per_tok(best) <= _per_tok(c) for c in res.ranked)
@@ -316,7 +316,7 @@ def test_cli_errors_are_one_line(capsys, monkeypatch) -> None:  # noqa: ANN001
         (("plan", "--gpus", "64", "--layout", "dp_shard=8,tp=4"), "multiply"),
         (("plan", "--model", "grok-2", "--gpus", "8", "--gpu", "a100-40g"), "smallest|at least|≥"),
         (("plan", "--gpus", "8", "--power", "1MW"), "both choose"),
-        (("plan", "--gpus", "145408"), "global batch of at least"),
+        (("plan", "--gpus", "1000000"), "global batch of at least"),
         (("plan", "--checkpoint-s", "-1"), "--checkpoint-s"),
     ]:
         code, _, err = _main(capsys, monkeypatch, *args)

@@ -18,10 +18,11 @@ from torch.distributed.tensor import DTensor
 from gigafactory.model.grok import GrokModel
 from gigafactory.model.init import materialize
 from gigafactory.parallel.comm import CommCounter
+from gigafactory.parallel.context import apply_cp
 from gigafactory.parallel.expert import apply_ep
 from gigafactory.parallel.fsdp import apply_fsdp, apply_recompute
 from gigafactory.parallel.mesh import Meshes, build_meshes, check_layout
-from gigafactory.parallel.pipeline import Pipeline
+from gigafactory.parallel.pipeline import Pipeline, split_model
 from gigafactory.parallel.tensor import apply_tp, local_targets
 
 __all__ = ["Parallelized", "apply_layout", "build_meshes", "check_layout", "local_targets", "parallelize",
@@ -39,6 +40,11 @@ class Parallelized:
     @property
     def tp_mesh(self) -> Any:
         return self.meshes.tp if self.meshes.layout.tp > 1 else None
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels of the tokens this rank's logits cover (its cp chunks, then its tp sequence slice)."""
+        lay = self.meshes.layout
+        return local_targets(y, self.tp_mesh, self.meshes.cp if lay.cp > 1 else None)
 
     def set_gradient_sync(self, sync: bool) -> None:
         """Skip FSDP's reduce-scatter on all but the last accumulation micro-batch."""
@@ -126,10 +132,28 @@ def apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro
     """`parallelize` without allocating anything: a meta-device model stays on meta (the dry run allocates it
     under fake tensors afterwards)."""
     lay = meshes.layout
-    if lay.pp > 1:
-        pipe = Pipeline(model, lay, meshes.pp.get_group(), device, n_micro, micro_batch, seq_len)
-        apply_recompute(pipe.model, lay.recompute)
-        return Parallelized(pipe.model, meshes, pipeline=pipe)
+    cp_group = meshes.cp.get_group() if lay.cp > 1 else None
+    if lay.pp == 1:
+        if cp_group is not None:
+            apply_cp(model, cp_group)
+        units, experts = _apply_styles(model, meshes, device, param_dtype)
+        return Parallelized(model, meshes, units, tp_replicated=experts)
+    # pp > 1: cut into this rank's stages, then the other styles on each stage
+    stages = split_model(model, lay, meshes.pp.get_local_rank(), seq_len)
+    experts = []
+    for stage in stages:
+        if cp_group is not None:
+            stage.use_cp(cp_group)
+        experts += _apply_styles(stage, meshes, device, param_dtype)[1]  # type: ignore[arg-type]
+    pipe = Pipeline(model, stages, lay, meshes, device, n_micro, micro_batch, seq_len)
+    return Parallelized(model, meshes, pipeline=pipe, tp_replicated=experts)
+
+
+def _apply_styles(model: GrokModel, meshes: Meshes, device: torch.device, param_dtype: torch.dtype | None,
+                  ) -> tuple[list[FSDPModule], list[nn.Module]]:
+    """Tensor (+ sequence) parallel, expert parallel, recompute, FSDP2, in that order, to a model or a stage.
+    Returns the FSDP units and the expert modules whose gradients are still summed over tp (tp × ep)."""
+    lay = meshes.layout
     if lay.tp > 1:
         apply_tp(model, meshes.tp, experts_whole=lay.ep > 1)
     experts: list[nn.Module] = []
@@ -138,6 +162,6 @@ def apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro
         experts = apply_ep(model, meshes.ep, grad_scale=1.0 if expert_fsdp else 1 / lay.ep)
     apply_recompute(model, lay.recompute)
     units: list[FSDPModule] = []
-    if lay.dp_shard * lay.dp_replicate > 1:
+    if lay.dp_shard * lay.dp_replicate * lay.cp > 1:
         units = apply_fsdp(model, meshes, force_sum=device.type == "cpu", param_dtype=param_dtype)
-    return Parallelized(model, meshes, units, tp_replicated=experts if lay.tp > 1 else [])
+    return units, experts if lay.tp > 1 else []

@@ -70,7 +70,7 @@ def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
                param_dtype: torch.dtype | None = None) -> list[FSDPModule]:
     mp = mixed_precision(param_dtype)
     lay = meshes.layout
-    dp = lay.dp_replicate * lay.dp_shard
+    dp = lay.dp_replicate * lay.dp_shard * lay.cp  # cp ranks each scored their own part of the tokens
     units: list[FSDPModule] = []
     expert_fsdp = lay.ep > 1 and lay.dp_shard // lay.ep * lay.dp_replicate > 1
     expert_params: set[nn.Parameter] = set()

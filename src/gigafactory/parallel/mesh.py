@@ -1,10 +1,10 @@
 """From a `Layout` to one `DeviceMesh`.
 
-Dimensions, outermost first: ``pp, dp_replicate, efsdp, ep, tp``. Expert parallelism borrows ranks from dp_shard
+Dimensions, outermost first: ``pp, dp_replicate, efsdp, ep, cp, tp``. Expert parallelism borrows ranks from dp_shard
 (see `specs.layout`): ``dp_shard = efsdp · ep``, so the mesh is built with the two factors and ``dp_shard`` is their
-flattened view. Non-expert weights are FSDP-sharded over ``dp_shard``; experts are split over ``ep`` and
-FSDP-sharded over ``efsdp`` only. Every sub-mesh slices the same root, which FSDP2 needs to compose with DTensor
-parameters on ``tp`` or ``ep``.
+flattened view. Non-expert weights are FSDP-sharded over ``dp_shard·cp`` (``dp_shard_cp``); experts are split over
+``ep`` and FSDP-sharded over ``efsdp`` only. Every sub-mesh slices the same root, which FSDP2 needs to compose
+with DTensor parameters on ``tp`` or ``ep``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gigafactory.specs.layout import Layout, check_supported
 # each rank would print it several times per run.
 warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
 
-DIMS = ("pp", "dp_replicate", "efsdp", "ep", "tp")
+DIMS = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
 
 
 def check_layout(layout: Layout, spec: ModelSpec, world_size: int) -> Layout:
@@ -47,6 +47,10 @@ class Meshes:
         return self.world["ep"]
 
     @property
+    def cp(self) -> DeviceMesh:
+        return self.world["cp"]
+
+    @property
     def pp(self) -> DeviceMesh:
         return self.world["pp"]
 
@@ -56,9 +60,10 @@ class Meshes:
         return self.world["dp"]
 
     def fsdp(self, experts: bool = False) -> DeviceMesh:
-        """The mesh FSDP shards over: (dp_replicate, dp_shard) for dense weights, (dp_replicate, efsdp) for
-        experts; 2-D (HSDP) only when dp_replicate > 1."""
-        shard = "efsdp" if experts else "dp_shard"
+        """The mesh FSDP shards over: (dp_replicate, dp_shard·cp) for dense weights (they are replicated over
+        cp, so FSDP also sums their gradients over cp), (dp_replicate, efsdp) for experts; 2-D (HSDP) only when
+        dp_replicate > 1."""
+        shard = "efsdp" if experts else "dp_shard_cp"
         if self.layout.dp_replicate > 1:
             return self.world["dp_replicate", shard]
         return self.world[shard]
@@ -69,8 +74,9 @@ class Meshes:
 
 def build_meshes(layout: Layout, device_type: str) -> Meshes:
     efsdp = layout.dp_shard // layout.ep
-    shape = (layout.pp, layout.dp_replicate, efsdp, layout.ep, layout.tp)
+    shape = (layout.pp, layout.dp_replicate, efsdp, layout.ep, layout.cp, layout.tp)
     world = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
     world["efsdp", "ep"]._flatten("dp_shard")
+    world["efsdp", "ep", "cp"]._flatten("dp_shard_cp")
     world["dp_replicate", "efsdp", "ep"]._flatten("dp")
     return Meshes(world, layout)

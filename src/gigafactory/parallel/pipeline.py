@@ -1,129 +1,213 @@
-"""Pipeline parallelism with `torch.distributed.pipelining`: one stage per ``pp`` rank, GPipe or 1F1B.
+"""Pipeline parallelism with `torch.distributed.pipelining`, composed with FSDP/HSDP, TP, EP on one mesh.
 
-A stage is the same `GrokModel` object with the layers of other stages deleted (layers are a ModuleDict keyed by
-layer number, so parameter names — and checkpoints — do not change) and its forward replaced by the slice of the
-model's forward it runs. With tied embeddings the last stage keeps its own copy of the embedding for the output
-head; the two copies' gradients are summed after backward so they stay identical (Megatron-LM does the same).
+Schedules (``Layout.pp_schedule``): GPipe, 1F1B, interleaved 1F1B with ``pp_virtual`` stages per rank, and
+zero-bubble (`ScheduleInterleavedZeroBubble`, ZB1P: the weight-gradient half of each backward fills the bubbles;
+one or more stages per rank). Stages are placed round-robin ("loop"): rank r holds stages r, r+pp, r+2·pp, ...
 
-Later stages rebuild the causal mask from the shape alone: training windows are corpus text, which never holds
-the padding id, so the mask the first stage would send is exactly causal. The MoE auxiliary-loss gradients are
-injected inside each stage's backward (`model.grok._AuxLossGrad`), so stages exchange hidden states only.
+A stage is a `StageModule` over the same layer objects as the model (layers are a ModuleDict keyed by layer
+number, so parameter names — and checkpoints — do not change); the model itself keeps only this rank's layers and
+is what the optimizer and checkpoints see. Each stage gets the other parallel styles on its own (TP, EP, FSDP
+with the stage as FSDP root), as torchtitan does per model part. With tied embeddings the last stage keeps its own
+copy of the embedding for the output head; after each step the two copies' gradients (the same FSDP shard on the
+first and last pipeline rank of each data/tensor-parallel coordinate) are summed so they stay identical.
+
+Later stages rebuild the key positions from the sequence length: training windows are corpus text, which never
+holds the padding id, so what the first stage would send is exactly causal. The MoE auxiliary-loss gradients
+are injected inside each stage's backward (`model.grok._AuxLossGrad`), so stages exchange hidden states only.
+Under TP (and CP) the hidden states between stages are this rank's part of the sequence.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.tensor import DTensor
 
-from gigafactory.model.grok import GrokModel, key_positions, rope_tables
+from gigafactory.model.grok import GrokModel, KeyPositions, MoE, key_positions, rope_tables
+from gigafactory.parallel.context import CPKeys, apply_cp_aux, cp_indices
+from gigafactory.parallel.tensor import local_targets
 from gigafactory.specs.layout import Layout
 
+_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
+              "zero_bubble": ScheduleInterleavedZeroBubble}
 
-def stage_layers(n_layers: int, pp: int, stage: int) -> list[int]:
+
+def stage_layers(n_layers: int, n_stages: int, stage: int) -> list[int]:
     """Contiguous, as even as possible; earlier stages take the remainder (the last also runs the head)."""
-    base, extra = divmod(n_layers, pp)
+    base, extra = divmod(n_layers, n_stages)
     start = stage * base + min(stage, extra)
     return list(range(start, start + base + (1 if stage < extra else 0)))
 
 
-def make_stage(model: GrokModel, stage: int, pp: int) -> GrokModel:
-    first, last = stage == 0, stage == pp - 1
-    keep = {str(i) for i in stage_layers(model.spec.n_layers, pp, stage)}
+def rank_stages(pp: int, virtual: int, rank: int) -> list[int]:
+    """The stages pipeline rank `rank` holds (round-robin)."""
+    return [rank + k * pp for k in range(virtual)]
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: the embedding (first stage), some blocks, the output head (last stage)."""
+
+    def __init__(self, model: GrokModel, layers: list[int], first: bool, last: bool, seq_len: int) -> None:
+        super().__init__()
+        self.spec, self.first, self.last, self.seq_len = model.spec, first, last, seq_len
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+        tied = model.lm_head is None
+        self.embed = model.embed if first or (last and tied) else None
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.cp_group: dist.ProcessGroup | None = None
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def use_cp(self, group: dist.ProcessGroup) -> None:
+        """Context parallelism: this stage runs this rank's cp chunks of the sequence (`parallel.context`)."""
+        self.cp_group = group
+        apply_cp_aux(self, group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t = x.shape[0], self.seq_len
+        positions = torch.arange(t, device=x.device)
+        cache: CPKeys | None = None
+        if self.cp_group is not None:
+            positions = cp_indices(t, self.cp_group.size(), self.cp_group.rank(), x.device)
+            cache = CPKeys(self.cp_group)
+            if self.first:
+                x = x[:, positions]
+        positions = positions.expand(b, -1)
+        tokens = x if self.first else torch.ones(b, positions.shape[1], dtype=torch.long, device=x.device)
+        keys = key_positions(tokens, positions) if cache is None else KeyPositions(
+            positions, *cache.begin(tokens, positions))
+        h = self.embed(x) * self.spec.embedding_multiplier if self.first else x  # type: ignore[misc]
+        cos, sin = rope_tables(positions, self.spec.head_dim, self.spec.rope_theta)
+        for block in self.layers.values():
+            h = block(h, cos, sin, keys, cache)
+        return GrokModel.output(self, h) if self.last else h  # type: ignore[arg-type]
+
+
+def split_model(model: GrokModel, layout: Layout, pp_rank: int, seq_len: int) -> list[StageModule]:
+    """This rank's stages; `model` keeps only their layers (and the embedding/head where they run)."""
+    n_stages = layout.pp * layout.pp_virtual
+    stages = []
+    keep: set[str] = set()
+    for s in rank_stages(layout.pp, layout.pp_virtual, pp_rank):
+        layers = stage_layers(model.spec.n_layers, n_stages, s)
+        keep.update(str(i) for i in layers)
+        stages.append(StageModule(model, layers, s == 0, s == n_stages - 1, seq_len))
     for name in list(model.layers.keys()):
         if name not in keep:
             del model.layers[name]
-    tied = model.lm_head is None
-    if not first and not (last and tied):
+    if not any(st.embed is not None for st in stages):
         model.embed = None  # type: ignore[assignment]
-    if not last:
+    if not any(st.last for st in stages):
         model.norm = None  # type: ignore[assignment]
         model.lm_head = None
-
-    def forward(self: GrokModel, x: Tensor) -> Tensor:
-        if first:
-            keys = key_positions(x)
-            h = self.embed(x) * self.spec.embedding_multiplier
-        else:
-            keys = key_positions(torch.ones(x.shape[:2], dtype=torch.long, device=x.device))
-            h = x
-        cos, sin = rope_tables(keys.q_pos, self.spec.head_dim, self.spec.rope_theta)
-        for block in self.layers.values():
-            h = block(h, cos, sin, keys, None)
-        return self.output(h) if last else h
-
-    model.forward = types.MethodType(forward, model)  # type: ignore[method-assign]
-    return model
+    return stages
 
 
 class Pipeline:
-    """The stage, its schedule, and the tied-embedding group for one pp rank."""
+    """The stages, their schedule, and the tied-embedding group of one pp rank."""
 
-    def __init__(self, model: GrokModel, layout: Layout, group: dist.ProcessGroup, device: torch.device,
-                 n_micro: int, micro_batch: int, seq_len: int) -> None:
-        self.pp, self.stage_index = group.size(), group.rank()
-        self.first, self.last = self.stage_index == 0, self.stage_index == self.pp - 1
-        self.group = group
-        self.n_micro = n_micro
-        self.model = make_stage(model, self.stage_index, self.pp)
+    def __init__(self, model: GrokModel, stages: list[StageModule], layout: Layout, meshes: Any,
+                 device: torch.device, n_micro: int, micro_batch: int, seq_len: int) -> None:
+        group = meshes.pp.get_group()
+        self.pp, self.pp_rank = group.size(), group.rank()
+        self.n_stages = layout.pp * layout.pp_virtual
+        self.group, self.n_micro, self.model, self.modules = group, n_micro, model, stages
+        self.tp_mesh: DeviceMesh | None = meshes.tp if layout.tp > 1 else None
+        self.cp_mesh: DeviceMesh | None = meshes.cp if layout.cp > 1 else None
+        self.tp, self.split = layout.tp, layout.tp * layout.cp
+        self.first = any(st.first for st in stages)
+        self.last = any(st.last for st in stages)
         spec = model.spec
+        local_t = seq_len // self.split
         # Hidden states are marked as needing gradients, or the stages exchange none in backward.
-        hidden = torch.empty(micro_batch, seq_len, spec.d_model, device=device, requires_grad=True)
-        inp = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device) if self.first else hidden
-        out = torch.empty(micro_batch, seq_len, spec.vocab_size, device=device) if self.last else hidden
-        # Shapes given up front: no shape-inference round trip on the first step.
-        self.stage = PipelineStage(self.model, self.stage_index, self.pp, device, input_args=(inp,),
-                                   output_args=(out,), group=group)
-        cls = ScheduleGPipe if layout.pp_schedule == "gpipe" else Schedule1F1B
-        # Each micro-batch loss is divided by n_micro here (as the single-process trainer divides by grad_accum)
-        # instead of letting the schedule rescale gradients, so the MoE aux_scale = 1/grad_accum stays right.
-        self.schedule = cls(self.stage, n_microbatches=n_micro, loss_fn=self._loss, scale_grads=False)
-        ranks = dist.get_process_group_ranks(group)
-        # Every rank must take part in creating a group, even one it is not in.
-        self.tied_group = dist.new_group([ranks[0], ranks[-1]]) if model.lm_head is None and self.pp > 1 else None
+        hidden = torch.empty(micro_batch, local_t, spec.d_model, device=device, requires_grad=True)
+        self.stages = []
+        for st, index in zip(stages, rank_stages(layout.pp, layout.pp_virtual, self.pp_rank), strict=True):
+            inp = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device) if st.first else hidden
+            out = torch.empty(micro_batch, local_t, spec.vocab_size, device=device) if st.last else hidden
+            # Shapes given up front: no shape-inference round trip on the first step.
+            self.stages.append(PipelineStage(st, index, self.n_stages, device, input_args=(inp,),
+                                             output_args=(out,), group=group))
+        cls = _SCHEDULES[layout.pp_schedule]
+        # Each micro-batch loss is divided by n_micro (and tp) here, as the single-process trainer divides by
+        # grad_accum, instead of letting the schedule rescale gradients, so the MoE aux_scale stays right.
+        many = cls in (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+        self.schedule = cls(self.stages if many else self.stages[0], n_microbatches=n_micro, loss_fn=self._loss,
+                            scale_grads=False)
+        self.tied_group = _tied_group(meshes.world) if model.lm_head is None and self.pp > 1 else None
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / self.n_micro
+        target = local_targets(target, self.tp_mesh, self.cp_mesh)
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / (self.n_micro * self.tp)
 
     def step(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """Forward and backward of all micro-batches (x, y hold them stacked); the mean loss on the last stage."""
+        """Forward and backward of all micro-batches (x, y hold them stacked); on the rank holding the last
+        stage, this rank's share of the mean loss (its tp slice of the tokens)."""
         losses: list[Tensor] = []
+        kwargs: dict[str, Any] = {"target": y, "losses": losses} if self.last else {}
         if self.first:
-            self.schedule.step(x)
-        elif self.last:
-            self.schedule.step(target=y, losses=losses)
+            self.schedule.step(x, **kwargs)
         else:
-            self.schedule.step()
-        return torch.stack(losses).sum().detach() if self.last else None
+            self.schedule.step(**kwargs)
+        return torch.stack(losses).sum().detach() * self.tp if self.last else None
 
     def sync_tied_grads(self) -> None:
         if self.tied_group is None or not (self.first or self.last):
             return
-        g = self.model.embed.weight.grad
+        embed = self.model.embed
+        g = embed.weight.grad if embed is not None else None
         if g is not None:
-            dist.all_reduce(g, group=self.tied_group)
+            dist.all_reduce(g._local_tensor if isinstance(g, DTensor) else g, group=self.tied_group)
 
     def skip_in_norm(self) -> set[Any]:
         """The last stage's copy of a tied embedding is not counted twice in the gradient norm."""
-        if self.tied_group is not None and self.last and not self.first:
+        if self.tied_group is not None and self.last and not self.first and self.model.embed is not None:
             return {self.model.embed.weight}
         return set()
 
     @torch.no_grad()
     def forward_only(self, x: Tensor) -> Tensor | None:
-        """Evaluation: plain send/recv of hidden states through the stages; logits on the last stage."""
-        h: Tensor = x
-        if not self.first:
-            d = self.model.spec.d_model
-            h = torch.empty(x.shape[0], x.shape[1], d, device=x.device)
-            dist.recv(h, group=self.group, group_src=self.stage_index - 1)
-        out = self.model(h)
-        if not self.last:
-            dist.send(out.contiguous(), group=self.group, group_dst=self.stage_index + 1)
-            return None
-        return out
+        """Evaluation: plain send/recv of hidden states through the stages; logits on the last stage's rank."""
+        out: Tensor | None = None
+        local_t = x.shape[1] // self.split
+        for index in range(self.n_stages):
+            owner = index % self.pp
+            if owner != self.pp_rank:
+                continue
+            st = self.modules[index // self.pp]
+            h = x
+            if index > 0:
+                h = torch.empty(x.shape[0], local_t, self.model.spec.d_model, device=x.device)
+                dist.recv(h, group=self.group, group_src=(index - 1) % self.pp)
+            out = st(h)
+            if index < self.n_stages - 1:
+                dist.send(out.contiguous(), group=self.group, group_dst=(index + 1) % self.pp)
+        return out if self.last else None
+
+
+def _tied_group(world: DeviceMesh) -> dist.ProcessGroup | None:
+    """The pair (first pp rank, last pp rank) of this rank's data/tensor-parallel coordinate. Every rank takes
+    part in creating every pair, as `new_group` requires."""
+    ranks = world.mesh.reshape(world.mesh.shape[0], -1)
+    me = dist.get_rank()
+    mine = None
+    for col in range(ranks.shape[1]):
+        pair = [int(ranks[0, col]), int(ranks[-1, col])]
+        g = dist.new_group(pair)
+        if me in pair:
+            mine = g
+    return mine

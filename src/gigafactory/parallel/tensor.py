@@ -55,13 +55,14 @@ def apply_tp(model: GrokModel, mesh: DeviceMesh, experts_whole: bool = False) ->
 
     # Root: embedding (and head) and the final norm are replicated, read locally for the whole forward because
     # the tied output head reads `embed.weight` outside the embedding module.
-    root_params: list[tuple[nn.Module, str]] = [(model.embed, "weight"), (model.norm, "weight")]
-    if model.lm_head is not None:
-        root_params.append((model.lm_head, "weight"))
+    # A pipeline stage holds only some of them (`parallel.pipeline.StageModule`).
+    root_params = [(m, "weight") for m in (model.embed, model.norm, model.lm_head) if m is not None]
     for mod, name in root_params:
         distribute_param(mod, name, mesh, rep)
-    use_local_params(model, root_params, reduce_group=group)
-    wrap_io(model.embed, after=lambda h: seq_slice(h, group))
+    if root_params:
+        use_local_params(model, root_params, reduce_group=group)
+    if model.embed is not None:
+        wrap_io(model.embed, after=lambda h: seq_slice(h, group))
 
     for block in model.layers.values():
         assert isinstance(block, Block)
@@ -140,6 +141,11 @@ def moe_on_local_tokens(moe: MoE, x: Tensor, group: dist.ProcessGroup) -> Tensor
     return y
 
 
-def local_targets(y: Tensor, mesh: DeviceMesh | None) -> Tensor:
-    """The labels of this rank's tokens under sequence parallelism (the logits only cover those)."""
+def local_targets(y: Tensor, mesh: DeviceMesh | None, cp_mesh: DeviceMesh | None = None) -> Tensor:
+    """The labels of this rank's tokens: its context-parallel chunks (`parallel.context.cp_indices`), then its
+    slice under sequence parallelism (the logits only cover those)."""
+    if cp_mesh is not None and cp_mesh.size() > 1:
+        from gigafactory.parallel.context import cp_indices
+
+        y = y[:, cp_indices(y.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), y.device)]
     return y if mesh is None or mesh.size() == 1 else seq_slice(y, mesh.get_group())

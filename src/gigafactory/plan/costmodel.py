@@ -664,12 +664,21 @@ def collective_bytes(
         passes = 2 + (1 if lay.recompute == "full" else 0)
         out["all_to_all"] += n_micro * layers * 2 * passes * spec.top_k * tokens
     if lay.cp > 1:
-        kv_bytes = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * dtype_bytes
-        # ring attention: the local K,V chunk travels cp−1 hops forward; backward sends K,V and their grads
-        out["send_recv"] += n_micro * layers * (lay.cp - 1) * kv_bytes * (1 + 2)
+        kv_bytes = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * dtype_bytes  # this rank's K and V
+        fwd = 1 + (1 if lay.recompute == "full" else 0)
+        # Llama 3's all-gather context parallelism: every forward gathers all cp ranks' K and V per layer, the
+        # backward reduce-scatters their gradients; once per forward of each stage the key positions (int64)
+        # and padding flags (1 byte) of the whole sequence are gathered for the mask.
+        out["all_gather"] += n_micro * layers * fwd * lay.cp * kv_bytes
+        out["all_gather"] += n_micro * lay.pp_virtual * lay.micro_batch * seq_len * 9
+        out["reduce_scatter"] += n_micro * layers * lay.cp * kv_bytes
     if lay.pp > 1:
         boundary = act / (lay.tp if sequence_parallel else 1)
-        out["send_recv"] += n_micro * lay.pp_virtual * 2 * boundary  # activations forward, gradients backward
+        # activations forward, gradients backward, across the pp·v − 1 stage boundaries, averaged over the pp
+        # ranks (the first stage sends no gradient back, the last no activation forward)
+        out["send_recv"] += n_micro * (2 * lay.pp * lay.pp_virtual - 2) / lay.pp * boundary
+        if spec.tie_embeddings:  # the first and last stage sum their embedding copies' gradient shards
+            out["all_reduce"] += 2 / lay.pp * parts.embed / emb_tp / max(1, shard) * grad_bytes
     return {k: v for k, v in out.items() if v}
 
 
@@ -784,10 +793,13 @@ def estimate(
     if lay.cp > 1:
         kv = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * 2
         cp_in_node = per_node // min(lay.tp, per_node) >= lay.cp
+        # all-gather of K/V (forward), reduce-scatter of their gradients (backward): cp−1 chunks each way
         one = (lay.cp - 1) * kv / (nv_bw if cp_in_node else nic_bw)
         attn_t = lt.attn_fwd_flops / (gpu.attn_eff * gpu.bf16_dense_flops)
-        comm["cp"] = n_micro * layers * 3 * one
-        exposed["cp"] = n_micro * layers * 3 * max(0.0, one - attn_t)  # ring attention hides hops behind blocks
+        cp_passes = 2 + (1 if lay.recompute == "full" else 0)
+        comm["cp"] = n_micro * layers * cp_passes * one
+        # the gather of the next layer's K/V can run behind this layer's attention
+        exposed["cp"] = n_micro * layers * cp_passes * max(0.0, one - attn_t)
     if lay.pp > 1:
         sp = lay.tp if stack.sequence_parallel else 1
         alpha, _ = level_alpha(cluster.n_gpus // lay.pp * 2, cluster)

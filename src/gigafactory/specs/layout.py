@@ -133,10 +133,10 @@ MULTI_STAGE_SCHEDULES = ("interleaved", "zero_bubble")
 
 # What the trainer (`gigafactory.parallel`) runs today, stated once. `unsupported_reason` turns it into the one
 # answer the planner's search and the trainer's error messages share.
-TRAINER_RUNS_CP = False
-TRAINER_RUNS_PP_WITH_OTHERS = False
+TRAINER_RUNS_CP = True
+TRAINER_RUNS_PP_WITH_OTHERS = True
 TRAINER_RUNS_EP_WITH_TP = True
-TRAINER_SCHEDULES = ("gpipe", "1f1b")
+TRAINER_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 
 
 def unsupported_reason(layout: Layout, spec: ModelSpec) -> str | None:
@@ -158,6 +158,8 @@ def unsupported_reason(layout: Layout, spec: ModelSpec) -> str | None:
                 f"with virtual stages; use pp in {ok}")
     if lay.cp > 1 and not TRAINER_RUNS_CP:
         return "cp > 1 (context parallelism) is not implemented by the trainer yet; use cp=1"
+    if lay.cp > 1 and lay.ep > 1:
+        return "cp > 1 together with ep > 1 is not implemented by the trainer yet; use one of them"
     if lay.pp > 1 and lay.world_size != lay.pp and not TRAINER_RUNS_PP_WITH_OTHERS:
         return f"pp={lay.pp} combined with other degrees is not implemented by the trainer yet; use pp alone"
     if lay.pp > 1 and lay.pp_schedule not in TRAINER_SCHEDULES:

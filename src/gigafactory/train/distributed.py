@@ -129,8 +129,10 @@ class Distributed(Ranks):
         if micro % dp:
             raise UserError(f"the micro-batch of {micro} sequences (batch_size / grad_accum) must split evenly over "
                             f"dp={dp} ranks; change batch_size or grad_accum")
-        if layout.tp > 1 and seq_len % layout.tp:
-            raise UserError(f"seq_len={seq_len} must be divisible by tp={layout.tp} (sequence parallelism)")
+        split = layout.tp * (2 * layout.cp if layout.cp > 1 else 1)  # sequence slices; cp: two chunks per rank
+        if seq_len % split:
+            raise UserError(f"seq_len={seq_len} must be divisible by tp·2·cp = {split} (sequence and context "
+                            f"parallelism); change seq_len or the layout")
         if layout.pp > 1 and cfg.grad_accum < layout.pp:
             raise UserError(f"pp={layout.pp} needs grad_accum >= {layout.pp} micro-batches to fill the pipeline")
         self.layout, self.cfg, self.seq_len = layout, cfg, seq_len
@@ -178,10 +180,8 @@ class Distributed(Ranks):
         return t[self.dp_rank * n : (self.dp_rank + 1) * n]
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
-        from gigafactory.parallel import local_targets
-
         assert self.par is not None
-        return local_targets(y, self.par.tp_mesh)
+        return self.par.targets(y)
 
     def set_gradient_sync(self, sync: bool) -> None:
         assert self.par is not None

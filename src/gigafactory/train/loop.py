@@ -265,7 +265,8 @@ class Trainer:
     def _pipeline_micro_steps(self) -> torch.Tensor:
         pipe = self.dist.pipeline
         xs, ys = zip(*(self.sampler.next() for _ in range(self.cfg.grad_accum)), strict=True)
-        loss = pipe.step(torch.cat(xs).to(self.device), torch.cat(ys).to(self.device))
+        x, y = (torch.cat([self.dist.shard(t) for t in ts]).to(self.device) for ts in (xs, ys))  # this DP rank's
+        loss = pipe.step(x, y)
         pipe.sync_tied_grads()
         # Only the last stage has the loss; the others add zero and the mean over ranks is rescaled by pp.
         out = loss if loss is not None else torch.zeros((), device=self.device)
