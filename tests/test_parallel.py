@@ -123,13 +123,18 @@ def _rel(a: float, b: float) -> float:
 def test_losses_and_gradients_match_one_process(runs: dict, name: str) -> None:
     ref, got = runs["single"], runs[name]
     assert len(got["losses"]) == 5
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"], strict=True), 1):
-        assert _rel(a, b) <= REL, f"{name} step {step}: loss {a} vs single-process {b}"
     assert set(got["grads"]) == set(ref["grads"])
+    loss_err = [_rel(a, b) for a, b in zip(got["losses"], ref["losses"], strict=True)]
+    grad_err = {}
     for key, g_ref in ref["grads"].items():
         g = got["grads"][key]
         assert g.shape == g_ref.shape, key
-        err = float((g - g_ref).norm() / g_ref.norm().clamp_min(1e-12))
+        grad_err[key] = float((g - g_ref).norm() / g_ref.norm().clamp_min(1e-12))
+    print(f"\n{name} ({LAYOUTS[name][0]}): worst loss diff {max(loss_err):.1e}, worst gradient diff "
+          f"{max(grad_err.values()):.1e}")
+    for step, err in enumerate(loss_err, 1):
+        assert err <= REL, f"{name} step {step}: loss {got['losses'][step - 1]} vs one process (rel {err:.1e})"
+    for key, err in grad_err.items():
         assert err <= REL, f"{name}: gradient of {key} differs by {err:.2e} (relative norm)"
 
 

@@ -626,7 +626,13 @@ def collective_bytes(
         # FSDP2 keeps the root unit (embedding, head, final norm) unsharded from forward to backward
         # (reshard_after_forward=None means False for the root), so it is gathered once per micro-batch.
         root = embed_stage / emb_tp
-        out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
+        if lay.pp > 1:
+            # Under a pipeline schedule FSDP keeps a stage's parameters gathered from one backward until the next
+            # forward has run (torch.distributed.pipelining sets reshard_after_backward=False between
+            # micro-batches): each layer is gathered n_micro + 1 times per step, the root once.
+            out["all_gather"] += ((n_micro + 1) * (gathered - root) + root) * dtype_bytes
+        else:
+            out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
         out["reduce_scatter"] += gathered * grad_bytes
         if lay.dp_replicate > 1:
             out["all_reduce"] += (dense_local / shard + expert_local / max(exp_shard, 1)) * grad_bytes
@@ -672,6 +678,8 @@ def collective_bytes(
         out["all_gather"] += n_micro * layers * fwd * lay.cp * kv_bytes
         out["all_gather"] += n_micro * lay.pp_virtual * lay.micro_batch * seq_len * 9
         out["reduce_scatter"] += n_micro * layers * lay.cp * kv_bytes
+        if spec.n_experts > 1:  # per-sequence balance statistics (routed counts, mean probabilities) over cp
+            out["all_reduce"] += n_micro * layers * fwd * 2 * lay.micro_batch * spec.n_experts * 4
     if lay.pp > 1:
         boundary = act / (lay.tp if sequence_parallel else 1)
         # activations forward, gradients backward, across the pp·v − 1 stage boundaries, averaged over the pp
