@@ -328,7 +328,9 @@ def test_cli_errors_are_one_line(capsys, monkeypatch) -> None:  # noqa: ANN001
 
 def test_cli_plan_json_report_and_launch_files(tmp_path) -> None:
     rep = tmp_path / "plan.html"
-    r = _cli("plan", "--gpus", "20000", "--json", "--report", str(rep), "--export", str(tmp_path / "launch"))
+    # The report sweeps 19 fleet sizes over every layout the trainer runs (cp × pp × ep ...): ~40 s of CPU here.
+    r = subprocess.run([EXE, "plan", "--gpus", "20000", "--json", "--report", str(rep), "--export",
+                        str(tmp_path / "launch")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["n_gpus"] == 20000 and 0 < out["best"]["mfu"] < 1
