@@ -268,3 +268,16 @@ def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
     assert f"in use by another job (pid {holder.pid}" in proc.stderr
     assert not (run / "ckpt").exists()
 
+
+def test_a_slow_rank_is_named_from_its_compute_time_not_its_step_time(tmp_path):
+    # Rank 1 does 3 s of extra work inside step 3 (between two collectives): both ranks' step takes >3 s, but
+    # rank 0 spends it waiting in a collective; only rank 1's compute is long.
+    proc = torchrun_train(tmp_path / "run", 4, fault="slow:rank=1:step=3:ms=3000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["step"]: r for r in metrics(tmp_path / "run")}
+    slow = rows[3]
+    assert slow["step_time_max_s"] > 3.0 and slow["step_time_s"] > 3.0  # rank 0's own step time is long too
+    assert slow["stragglers"] == [1]
+    assert slow["compute_time_s"][1] > 2.9 and slow["compute_time_s"][0] < 1.5
+    assert slow["collective_wait_s"][0] > 2.5
+    assert all("stragglers" not in rows[s] for s in (1, 2, 4))

@@ -34,12 +34,13 @@ from gigafactory.train.device import peak_flops, pick_dtype
 from gigafactory.train.launch import die_with_parent
 from gigafactory.train.resilience import (
     Checkpointer,
+    CollectiveClock,
     FaultInjector,
     SpikeDetector,
     StepGuard,
     Watchdog,
     restarted,
-    stragglers,
+    straggler_report,
     young_daly_steps,
 )
 from gigafactory.util import atomic_write_text
@@ -318,6 +319,7 @@ class Trainer:
         )
         checkpointer = Checkpointer(self.run_dir, cfg.keep_last, cfg.async_checkpoint)
         spikes = SpikeDetector()
+        clock = CollectiveClock() if self.dist.world > 1 else None
         watchdog = Watchdog(cfg.hang_timeout_s) if cfg.hang_timeout_s > 0 else None
         every = cfg.checkpoint_every if isinstance(cfg.checkpoint_every, int) else None  # None: auto, decided below
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
@@ -326,18 +328,16 @@ class Trainer:
             while self.step < end:
                 self.faults.before_step(self.step + 1)
                 t0 = time.perf_counter()
-                stats = self.train_step()
+                with clock or contextlib.nullcontext():
+                    stats = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
                 record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
                 record.update(throughput(tps, self.flops_per_token, self.peak, self.dist.world))
-                if self.dist.world > 1:
-                    times = self.dist.gather_step_times(dt)
-                    record["step_time_max_s"] = max(times)
-                    if slow := stragglers(times):
-                        record["stragglers"] = slow
+                if clock is not None:  # compute apart from collective waits: the slow rank is the one waited for
+                    record.update(straggler_report(dt, clock))
                 if self.guard.skipped and self.guard.bad_in_a_row:
                     record["skipped"] = "non-finite gradient: update skipped"
                     console.print(f"step {self.step}: non-finite loss/gradient, update skipped "
