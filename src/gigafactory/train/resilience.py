@@ -197,11 +197,7 @@ class CollectiveClock(TorchDispatchMode):
         from gigafactory.parallel.comm import _OPS  # the collectives the byte counter knows: one list
 
         if func in _OPS:
-            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-            try:
-                ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else ()
-            except (ValueError, RuntimeError):  # a group this process cannot name: leave it out
-                ranks = ()
+            ranks = _group_ranks(args)
             if len(ranks) > 1:
                 self.entries.append((ranks, time.time()))
         return func(*args, **(kwargs or {}))
@@ -209,6 +205,23 @@ class CollectiveClock(TorchDispatchMode):
     def take(self) -> list[tuple[tuple[int, ...], float]]:
         out, self.entries = self.entries, []
         return out
+
+
+def _group_ranks(args: tuple[Any, ...]) -> tuple[int, ...]:
+    """Global ranks of the process group a c10d op runs on. At the dispatcher the group arrives boxed as a
+    `torch.ScriptObject` (`c10d.ProcessGroup`), not as a `dist.ProcessGroup`."""
+    for a in args:
+        group = a
+        if isinstance(a, torch.ScriptObject):
+            if not str(a._type().qualified_name()).endswith("c10d.ProcessGroup"):
+                continue
+            group = dist.ProcessGroup.unbox(a)
+        if isinstance(group, dist.ProcessGroup):
+            try:
+                return tuple(dist.get_process_group_ranks(group))
+            except (ValueError, RuntimeError):  # a group this process cannot name: leave it out
+                return ()
+    return ()
 
 
 def collective_waits(entries_by_rank: list[list[tuple[tuple[int, ...], float]]]) -> list[float]:
