@@ -117,9 +117,12 @@ def test_data_folder_and_bad_data(tmp_path):
 
 def test_cli_train_then_chat_and_user_errors(tmp_path, cli):
     run = tmp_path / "run"
-    cli("train", "--model", "tiny", "--steps", "3", "--run-dir", str(run), "--batch-size", "4", "--seq-len", "64",
-        "--dtype", "fp32", check=True)
+    proc = cli("train", "--model", "tiny", "--steps", "3", "--run-dir", str(run), "--batch-size", "4", "--seq-len",
+               "64", "--dtype", "fp32", check=True)
     assert len(read_metrics(run)) == 3
+    # Not a terminal: progress still reaches the log as plain lines with a rate and an ETA, first and last step.
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train ") and "steps/s" in ln and "ETA" in ln]
+    assert lines and lines[0].startswith("train 1/3") and lines[-1].startswith("train 3/3"), proc.stderr
     out = cli("chat", str(run), "--persona", "romeo", "--prompt", "Good morrow", "--seed", "1", "--max-tokens", "8",
               check=True)
     assert out.stdout.startswith("ROMEO:")

@@ -72,6 +72,25 @@ def throughput(tokens_per_s: float, flops_per_token: float, peak_per_device: flo
             "mfu": tokens_per_s * flops_per_token / (world * peak_per_device)}
 
 
+class LogProgress:
+    """Progress for a log file or a pipe, where rich's bar never redraws: one plain line with the step, the rate
+    and the ETA on the first step, then at most every `interval` seconds, and on the last step."""
+
+    def __init__(self, total: int, start: int, interval: float = 15.0) -> None:
+        self.total, self.start, self.interval = total, start, interval
+        self.t0 = time.perf_counter()
+        self.last = -math.inf
+
+    def update(self, step: int, info: str) -> None:
+        now = time.perf_counter()
+        if step < self.total and step > self.start + 1 and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        console.print(f"train {step}/{self.total}  {rate:.2f} steps/s  ETA {eta:,.0f} s  {info}", highlight=False)
+
+
 class MetricsLog:
     """metrics.jsonl: one object per step (plus validation keys on evaluation steps). On resume, records past
     the checkpoint's step are dropped so the file describes exactly one history."""
@@ -323,6 +342,7 @@ class Trainer:
         watchdog = Watchdog(cfg.hang_timeout_s) if cfg.hang_timeout_s > 0 else None
         every = cfg.checkpoint_every if isinstance(cfg.checkpoint_every, int) else None  # None: auto, decided below
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        plain = None if self.quiet or console.is_terminal else LogProgress(cfg.steps, self.step)
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, info="")
             while self.step < end:
@@ -365,6 +385,8 @@ class Trainer:
                 if "val_bits_per_byte" in record:
                     info += f"  val {record['val_bits_per_byte']:.3f} bpb"
                 progress.update(task, completed=self.step, info=info)
+                if plain is not None:
+                    plain.update(self.step, info)
         checkpointer.wait()
         if watchdog is not None:
             watchdog.stop()
