@@ -150,27 +150,24 @@ def _routes(app: FastAPI, state: ServerState, serving: Serving, keys: ApiKeys) -
             )
         return f"key:{key}"
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def generate(request: Request, schema: Any, make_jobs: Any) -> Response:
+        """Both generation routes: parse, render and tokenise off the loop, then answer or stream."""
         lease = serving.lease(authorize(request))
         try:
-            req = await serving.parse(request, ChatRequest)
-            persona, jobs, prompt_tokens = await serving.off_loop(serving.chat_jobs, req)
+            req = await serving.parse(request, schema)
+            persona, jobs, prompt_tokens = await serving.off_loop(make_jobs, req)
             return await serving.respond(request, req, persona, jobs, prompt_tokens, lease)
         finally:
             if not (lease.released or _streaming(request)):
                 lease.release()
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, ChatRequest, serving.chat_jobs)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        lease = serving.lease(authorize(request))
-        try:
-            req = await serving.parse(request, CompletionRequest)
-            persona, jobs, prompt_tokens = await serving.off_loop(serving.completion_jobs, req)
-            return await serving.respond(request, req, persona, jobs, prompt_tokens, lease)
-        finally:
-            if not (lease.released or _streaming(request)):
-                lease.release()
+        return await generate(request, CompletionRequest, serving.completion_jobs)
 
     def model_card(p: Persona) -> dict[str, Any]:
         return {"id": p.name, "object": "model", "created": state.created, "owned_by": "gigafactory"}

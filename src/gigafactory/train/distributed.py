@@ -104,9 +104,6 @@ class Ranks:
         """Bytes per collective kind in the last step, averaged over ranks."""
         return {}
 
-    def gather_step_times(self, seconds: float) -> list[float]:
-        return [seconds]
-
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 prepares shared files (tokenizer, token arrays) before the others read them."""
@@ -215,14 +212,6 @@ class Distributed(Ranks):
         dist.all_reduce(vec)
         vec /= self.world
         return {f"comm_{k}_bytes": float(v) for k, v in zip(KINDS, vec.tolist(), strict=True) if v}
-
-    def gather_step_times(self, seconds: float) -> list[float]:
-        """Every rank's step time, for straggler reports (bookkeeping: not counted as training traffic)."""
-        assert self.counter is not None
-        out = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(self.world)]
-        with self.counter.bookkeeping():
-            dist.all_gather(out, torch.tensor(seconds, dtype=torch.float64, device=self.device))
-        return [float(t) for t in out]
 
     def close(self) -> None:
         if dist.is_initialized():
