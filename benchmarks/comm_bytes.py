@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+from gigafactory.parallel.compare import comparison_rows, format_rows, measured_bytes, predicted_bytes
 from gigafactory.specs import load_spec
 from gigafactory.specs.layout import Layout
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gigafactory.data import synthetic
-from gigafactory.data.engine import LocalEngine
+from gigafactory.data.executors import LocalEngine
 from gigafactory.data.pipeline import PrepareConfig, prepare
 
 

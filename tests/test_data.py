@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gigafactory.data import clean, dedup, synthetic
-from gigafactory.data.engine import LocalEngine
+from gigafactory.data.executors import LocalEngine
 from gigafactory.data.pipeline import PrepareConfig, prepare
 from gigafactory.errors import UserError
 from gigafactory.util import sha256_file
@@ -172,7 +172,7 @@ def test_cli_errors_are_one_line(tmp_path, cli):
 
 
 def test_local_and_ray_give_identical_shards(ray_session, tmp_path):
-    from gigafactory.data.engine import RayEngine
+    from gigafactory.data.executors import RayEngine
 
     corp = synthetic.make_corpus(seed=11, n_distinct=150, near_fraction=0.2, exact_fraction=0.05)
     inputs = tmp_path / "in"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gigafactory.data import synthetic
-from gigafactory.data.engine import LocalEngine
+from gigafactory.data.executors import LocalEngine
 from gigafactory.data.pipeline import PrepareConfig, prepare
 from gigafactory.errors import UserError
 from gigafactory.train import data as datalib

@@ -155,7 +155,7 @@ def test_checkpoint_reshards_pipeline_tp_to_one_process(runs: dict) -> None:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> None:
-    from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+    from gigafactory.parallel.compare import comparison_rows, format_rows, measured_bytes, predicted_bytes
     from gigafactory.specs import load_spec
     from gigafactory.specs.layout import Layout
 
@@ -174,7 +174,7 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
 def test_bf16_collective_bytes_match_the_planner(runs: dict) -> None:
     """bf16 (FSDP2 mixed precision): parameters are gathered in bf16, gradients reduced in fp32 — the planner's
     convention (dtype_bytes=2, grad_bytes=4) within 10% for every collective."""
-    from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+    from gigafactory.parallel.compare import comparison_rows, format_rows, measured_bytes, predicted_bytes
     from gigafactory.specs import load_spec
     from gigafactory.specs.layout import Layout
 

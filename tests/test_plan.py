@@ -425,7 +425,7 @@ def test_cli_reverse_question_json(capsys, monkeypatch) -> None:  # noqa: ANN001
 
 
 def test_report_curve_points_and_explanation() -> None:
-    from gigafactory.plan.report import LOSS_NAMES, explain_curve, sweep_counts, sweep_point
+    from gigafactory.plan.plan_report import LOSS_NAMES, explain_curve, sweep_counts, sweep_point
 
     counts = sweep_counts(extra=20_000)
     assert counts[0] == 1_000 and counts[-1] in (99_840, 100_096) and 20_000 in counts

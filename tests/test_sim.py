@@ -302,7 +302,7 @@ def test_estimate_goodput_is_fast_and_consistent() -> None:
 
 def test_sim_does_not_import_torch() -> None:
     code = (
-        "import sys; import gigafactory.sim, gigafactory.sim.commands, gigafactory.sim.report\n"
+        "import sys; import gigafactory.sim, gigafactory.sim.commands, gigafactory.sim.sim_report\n"
         "gigafactory.sim.estimate_goodput(1024, 60, days=2, replicas=2)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

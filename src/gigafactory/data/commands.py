@@ -51,7 +51,7 @@ def prepare(
     """Raw documents -> normalised, filtered, PII-scrubbed, deduplicated, tokenized fixed-size shards."""
     from pydantic import ValidationError
 
-    from gigafactory.data.engine import make_engine
+    from gigafactory.data.executors import make_engine
     from gigafactory.data.pipeline import PrepareConfig
     from gigafactory.data.pipeline import prepare as run
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gigafactory.data import clean, sources
 from gigafactory.data import dedup as dd
-from gigafactory.data.engine import Engine
+from gigafactory.data.executors import Engine
 from gigafactory.errors import UserError
 from gigafactory.util import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -432,7 +432,7 @@ def prepare(inputs: list[Path], out: Path, cfg: PrepareConfig, engine: Engine, k
         "config": cfg.model_dump(mode="json"),
         "inputs": [str(p) for p in inputs],
     }
-    from gigafactory.data.report import render_report
+    from gigafactory.data.data_report import render_report
 
     atomic_write_text(out / "report.html", render_report(manifest, summary))
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))

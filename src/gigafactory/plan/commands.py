@@ -232,7 +232,7 @@ def _size_fleet(run: _Runner, gpus: int | None, power: str | None, budget: str |
 def _sweep(run: _Runner, counts: list[int]) -> list[dict[str, Any]]:
     from rich.progress import Progress
 
-    from gigafactory.plan.report import sweep_point
+    from gigafactory.plan.plan_report import sweep_point
 
     site = hardware.get_site()
     points = []
@@ -250,7 +250,7 @@ def _sweep(run: _Runner, counts: list[int]) -> list[dict[str, Any]]:
 
 def _write_report(path: Path, spec: Any, g: hardware.GPUSpec, run: _Runner, best: StepCost, camp: Any,
                   why: list[str], out: dict[str, Any]) -> None:
-    from gigafactory.plan.report import render, sweep_counts
+    from gigafactory.plan.plan_report import render, sweep_counts
 
     sweep = _sweep(run, sweep_counts(extra=run.n))
     for p in sweep:  # report days for the user's token budget

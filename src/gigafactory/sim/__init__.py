@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from gigafactory.sim.api import GoodputEstimate, estimate_goodput, mtbf_seconds
 from gigafactory.sim.config import SimConfig, make_config
-from gigafactory.sim.engine import SimResult, simulate, young_daly_s
 from gigafactory.sim.failures import FailureMode, default_failure_model
+from gigafactory.sim.montecarlo import SimResult, simulate, young_daly_s
 
 __all__ = [
     "FailureMode",

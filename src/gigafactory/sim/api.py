@@ -8,8 +8,8 @@ from typing import Any
 
 from gigafactory.errors import UserError
 from gigafactory.sim.config import make_config
-from gigafactory.sim.engine import simulate
 from gigafactory.sim.failures import default_failure_model, job_failure_rate_per_s
+from gigafactory.sim.montecarlo import simulate
 
 
 def mtbf_seconds(n_gpus: int, gpus_per_node: int = 8, rate_scale: float = 1.0) -> float:

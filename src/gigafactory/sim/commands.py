@@ -81,7 +81,7 @@ def simulate(
 ) -> None:
     """Simulate failures, recovery and checkpointing of a training campaign; report goodput and the best interval."""
     from gigafactory.sim.config import make_config
-    from gigafactory.sim.engine import simulate as run
+    from gigafactory.sim.montecarlo import simulate as run
 
     kwargs: dict[str, Any] = {
         "gpus": gpus,
@@ -134,7 +134,7 @@ def simulate(
         res = run(cfg)
 
     if report is not None:
-        from gigafactory.sim.report import write_report
+        from gigafactory.sim.sim_report import write_report
 
         write_report(res, report)
     if as_json:

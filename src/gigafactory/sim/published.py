@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gigafactory.sim.config import make_config
-from gigafactory.sim.engine import SimResult, simulate
+from gigafactory.sim.montecarlo import SimResult, simulate
 
 Kind = Literal["within", "at_least"]
 

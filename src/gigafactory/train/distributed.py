@@ -205,7 +205,7 @@ class Distributed(Ranks):
     def comm_bytes(self) -> dict[str, float]:
         """Routing makes all-to-all sizes differ from rank to rank; the planner predicts the balanced figure,
         so the mean over ranks is reported. Outside the counter: this exchange is not part of a step."""
-        from gigafactory.parallel.report import KINDS
+        from gigafactory.parallel.compare import KINDS
 
         assert self.counter is not None
         vec = torch.tensor([self.counter.bytes.get(k, 0.0) for k in KINDS], dtype=torch.float64, device=self.device)
@@ -290,7 +290,7 @@ def finish(cfg: TrainConfig, compare_plan: bool, console: Any) -> bool:
     down. True on the rank that should print the run summary."""
     main = not dist.is_initialized() or dist.get_rank() == 0
     if compare_plan and main:
-        from gigafactory.parallel.report import comparison_rows, format_rows, measured_bytes, predicted_bytes
+        from gigafactory.parallel.compare import comparison_rows, format_rows, measured_bytes, predicted_bytes
         from gigafactory.specs import load_spec
 
         spec = load_spec(cfg.model)

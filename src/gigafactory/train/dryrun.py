@@ -164,7 +164,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
 def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int, seq_len: int,
               gpu: str = "h100-sxm") -> dict[str, Any]:
     """The planner's figures for the same run, with the same keys."""
-    from gigafactory.parallel.report import predicted_bytes
+    from gigafactory.parallel.compare import predicted_bytes
     from gigafactory.plan.costmodel import Cluster, estimate
     from gigafactory.specs.hardware import get_gpu
 

@@ -267,7 +267,7 @@ def stragglers(step_times: list[float], ratio: float = 1.5) -> list[int]:
 
 def young_daly_steps(checkpoint_cost_s: float, mtbf_s: float, step_time_s: float, max_steps: int) -> int:
     """Checkpoint interval in steps: the simulator's Young/Daly interval, within [1, max_steps]."""
-    from gigafactory.sim.engine import young_daly_s
+    from gigafactory.sim.montecarlo import young_daly_s
 
     interval_s = young_daly_s(max(checkpoint_cost_s, 1e-6), mtbf_s)
     return int(min(max_steps, max(1, round(interval_s / max(step_time_s, 1e-9)))))

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from gigafactory.errors import UserError
-from gigafactory.sim.engine import SimResult
+from gigafactory.sim.montecarlo import SimResult
 
 _DAY = 86_400.0
 
