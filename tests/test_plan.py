@@ -146,12 +146,18 @@ def test_validation_meets_the_bar() -> None:
     assert moe["rows_not_fitting_memory"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="Qwen3-30B-A3B (NeMo, FP8, 128 experts of width 768) is +30 % once its "
-                   "recipe's no-recompute layout fits (HBM in GiB, in-place loss); see docs/plan.md")
 def test_moe_rows_meet_the_check_bar() -> None:
     from gigafactory.plan.validate import validate_csv
 
     assert validate_csv(MOE_CSV)["max_abs_rel_error"] <= 0.25
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11's bar for the MoE rows is 15 %: Qwen3-30B-A3B (NeMo, FP8, 128 "
+                   "experts of width 768) is +19.8 %; small-expert kernels are not modelled, see docs/plan.md")
+def test_moe_rows_meet_the_issue_bar() -> None:
+    from gigafactory.plan.validate import validate_csv
+
+    assert validate_csv(MOE_CSV)["max_abs_rel_error"] <= 0.15
 
 
 MORE_CSV = CSV.with_name("more_runs.csv")  # "check" rows: predicted only, never used to choose a constant
@@ -188,10 +194,19 @@ def test_default_virtual_stages() -> None:
     assert default_virtual_stages(4, 4) == 2  # one layer per rank still needs two chunks to interleave
 
 
-@pytest.mark.xfail(strict=True, reason="held-out median not reached (7.6 %; max 19.1 % meets 25 %): Megatron-Core "
-                   "H100 rows +19 / -11 %, MT-NLG +10-15 %; see docs/plan.md")
 def test_check_rows_meet_the_held_out_bar(more_runs) -> None:
     assert more_runs["median_abs_rel_error"] <= 0.05 and more_runs["max_abs_rel_error"] <= 0.25
+
+
+def test_megatron_core_table_pipelines_interleave(more_runs) -> None:
+    """The Megatron-LM README overlaps pipeline communication in its H100 table; Megatron-LM only does that under
+    the interleaved schedule (arguments.py turns overlap_p2p_comm off without virtual stages)."""
+    from gigafactory.plan.validate import validate_csv
+
+    res = validate_csv(CSV)["rows"] + more_runs["rows"]
+    piped = [r for r in res if r["id"].startswith("MCORE-H100-") and r["layout"]["pp"] > 1]
+    assert len(piped) == 5 and all(r["layout"]["pp_virtual"] > 1 for r in piped)
+    assert max(abs(r["rel_error"]) for r in piped) <= 0.15
 
 
 def test_eager_elementwise_costs_more_than_fused() -> None:

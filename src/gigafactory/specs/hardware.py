@@ -121,19 +121,24 @@ class SiteSpec(BaseModel):
 # 0.80-1.00 in steps of 0.05 for Ampere and Hopper; never per row; the MoE and more_runs rows were not used).
 # Third pass on issue 11 (HBM in MiB as nvidia-smi reports it, the last stage's logits apart from the first
 # stage's activations, the 145.6B/18.4B rows' micro-batch and interleaving from Megatron's sc21 run_table_1.sh):
-# the lowest median among the pairs within the bar's 15 % max is Ampere 0.85 / Hopper 0.90 (median 4.0 %, max
-# 14.9 % with the loss traffic and DeepSpeed schedule of the same pass; 0.90/0.90: 4.85 % / 14.4 %). Blackwell has
-# no fit row and reuses Hopper's value. It is the least-sourced constant
-# here: replace it with a measured sustained-GEMM figure when one is available (catalog override file).
+# the lowest median among the pairs within the bar's 15 % max was Ampere 0.85 / Hopper 0.90 (median 4.0 %, max
+# 14.9 %).
+# Fourth pass: the Megatron-LM README's H100 table overlaps pipeline communication, which Megatron-LM does only
+# under the interleaved schedule (arguments.py sets overlap_p2p_comm False without virtual stages), so its
+# pipelined rows (the fit row MCORE-H100-70B among them) are interleaved; under 1F1B that row was -14 % and held
+# Hopper at 0.90. Refit on the same rule over a grid widened to 0.70-1.00 (0.80, the old grid's edge, was best on
+# it): Ampere 0.85 / Hopper 0.75, median 2.0 %, max 14.9 % (Hopper 0.80: 2.3 %; 0.70: 3.1 %). Blackwell has
+# no fit row and reuses Hopper's value. It is the least-sourced constant here: replace it with a measured
+# sustained-GEMM figure when one is available (catalog override file).
 # fp8_matmul_eff: FP8 (E4M3) GEMM rate / FP8 dense peak. Assumption: 0.70 on Hopper, i.e. ~1.75× the BF16 GEMM
 # rate at the same shape, below the 2× of the peaks because FP8 GEMMs hit the power limit sooner and carry
 # scaling epilogues (NVIDIA Transformer Engine documentation reports FP8 end-to-end speed-ups of 1.3-1.5×
 # for whole layers, which also contain the bf16 attention and elementwise work modelled separately).
 _AMPERE = dict(generation="ampere", sms=108, sustained_eff=0.85, matmul_eff=0.859, attn_eff=0.62, hbm_eff=0.85,
                nvlink_eff=0.77)
-_HOPPER = dict(generation="hopper", sms=132, sustained_eff=0.90, matmul_eff=0.801, attn_eff=0.60, hbm_eff=0.85,
+_HOPPER = dict(generation="hopper", sms=132, sustained_eff=0.75, matmul_eff=0.801, attn_eff=0.60, hbm_eff=0.85,
                nvlink_eff=0.80)
-_BLACKWELL = dict(generation="blackwell", sms=148, sustained_eff=0.90, matmul_eff=0.776, attn_eff=0.60, hbm_eff=0.85,
+_BLACKWELL = dict(generation="blackwell", sms=148, sustained_eff=0.75, matmul_eff=0.776, attn_eff=0.60, hbm_eff=0.85,
                   nvlink_eff=0.80)
 
 GPUS: dict[str, GPUSpec] = {
