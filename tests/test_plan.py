@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -152,12 +153,38 @@ def test_moe_rows_meet_the_check_bar() -> None:
     assert validate_csv(MOE_CSV)["max_abs_rel_error"] <= 0.25
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11's bar for the MoE rows is 15 %: Qwen3-30B-A3B (NeMo, FP8, 128 "
-                   "experts of width 768) is +19.8 %; small-expert kernels are not modelled, see docs/plan.md")
 def test_moe_rows_meet_the_issue_bar() -> None:
+    """Issue 11's bar for the MoE rows. Qwen3-30B-A3B (128 experts of width 768, 16 per GPU) is +19.8 % when the
+    token permutation is charged as one write and one read of each routed copy: the re-sort by local expert
+    around the all-to-all and the unpermute's probability gradient are what bring it within 15 %."""
     from gigafactory.plan.validate import validate_csv
 
-    assert validate_csv(MOE_CSV)["max_abs_rel_error"] <= 0.15
+    rows = validate_csv(CSV)["rows"] + validate_csv(MOE_CSV)["rows"]  # the bar is on the two sets together
+    errs = [abs(r["rel_error"]) for r in rows if r["fits_memory"]]
+    assert len(errs) == len(rows)
+    assert statistics.median(errs) <= 0.05 and max(errs) <= 0.15
+
+
+def test_permutation_bytes_by_hand() -> None:
+    from gigafactory.plan.costmodel import MEGATRON_CORE_2024, permutation_bytes
+
+    moe = PRESETS["tiny"]
+    k, h = moe.top_k, moe.d_model
+    copy, token = 2 * k * h, 2 * h  # bf16 bytes of a token's k routed copies, and of the token
+    # Megatron-Core fused: permute (write copies, read token) + unpermute (read copies, write token); with an
+    # all-to-all onto several local experts, sort and unsort read + write every copy; backward: the same passes
+    # plus the probability gradient's read of the experts' outputs
+    fwd, bwd = permutation_bytes(moe, MEGATRON_CORE_2024, ep=2, local_experts=2)
+    assert fwd == pytest.approx((2 + 4) * copy + 2 * token)
+    assert bwd == pytest.approx((3 + 4) * copy + 2 * token)
+    assert permutation_bytes(moe, MEGATRON_CORE_2024, ep=1, local_experts=moe.n_experts)[0] == \
+        pytest.approx(2 * copy + 2 * token)  # no all-to-all: nothing to re-sort
+    assert permutation_bytes(moe, MEGATRON_CORE_2024, ep=8, local_experts=1)[0] == pytest.approx(2 * copy + 2 * token)
+    # eager PyTorch (the trainer): gather 2, gate product 2, index_add 3 per copy, a zeroed output per token
+    fwd_e, _ = permutation_bytes(moe, MODERN, ep=1, local_experts=moe.n_experts)
+    assert fwd_e == pytest.approx(7 * copy + token)
+    dense = moe.model_copy(update={"n_experts": 1, "top_k": 1})
+    assert permutation_bytes(dense, MODERN, ep=1, local_experts=1) == (0.0, 0.0)
 
 
 MORE_CSV = CSV.with_name("more_runs.csv")  # "check" rows: predicted only, never used to choose a constant

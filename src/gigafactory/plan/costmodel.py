@@ -495,12 +495,11 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     token_bytes = (norms * eb["norm"] * h + 2 * (6 + (3 if stack.dropout else 0)) * h) / sp
     token_bytes += eb["gated_act"] * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
     token_bytes += eb["rope"] * (q + kv) / t
-    if spec.n_experts > 1:
-        token_bytes += 2 * 2 * spec.top_k * h / sp  # permute tokens to experts and back
     elem = (T * token_bytes + scores_bytes) / bw
+    perm_fwd, perm_bwd = permutation_bytes(spec, stack, lay.ep, local_experts)
     gaps = stack.kernels_per_layer * stack.kernel_gap_s
-    fwd = gemm + attn_fwd + elem + gaps
-    bwd = 2 * gemm + attn_bwd + 2 * elem + 2 * gaps
+    fwd = gemm + attn_fwd + elem + T * perm_fwd / sp / bw + gaps
+    bwd = 2 * gemm + attn_bwd + 2 * elem + T * perm_bwd / sp / bw + 2 * gaps
     if lay.recompute == "full":
         rec = fwd
     elif lay.recompute == "selective" and stack.flash_attention:
@@ -513,6 +512,37 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     else:
         rec = 0.0
     return _LayerTime(fwd, bwd, rec, attn_flops)
+
+
+# Token permutation around the experts, counted kernel by kernel as passes over the routed copies (k per token,
+# h wide, bf16: 2h bytes each time a copy is read or written) and over the tokens themselves. Megatron-Core's
+# all-to-all dispatcher (megatron/core/transformer/moe/token_dispatcher.py) with --moe-permute-fusion (Transformer
+# Engine's fused permute kernels, what NeMo's recipes set): "permutation 1" gathers each token's copies into
+# expert order (read the token, write k copies), the all-to-all, then "permutation 2" (`sort_chunks_by_idxs`,
+# read + write every received copy) regroups them from source-rank order to local-expert order whenever a rank
+# holds more than one expert; after the experts the same two in reverse (unsort: read + write; unpermute: read the
+# copies, weight them by their probabilities and sum into the token: write the token). Backward runs the mirror
+# passes and the unpermute's probability gradient reads the experts' forward outputs again (one more copy read).
+# gigafactory's trainer (eager PyTorch, `MoE.dispatch_compute` and `parallel.expert.ep_dispatch_compute`): the
+# gather `x[token_of]` reads and writes each copy, the re-sort after the all-to-all and the `index_copy` back
+# read + write each copy, the gate product reads + writes each copy, and `index_add_` reads each copy and
+# reads + writes its destination row (3 touches) into a zeroed output (1 token write); backward: `index_select`
+# of the gradient 2, the product's two gradients 4, the re-sorts 4, and the gather's backward, an `index_add_`
+# into zeros, 3 + 1 token write.
+# Touches per forward / backward: (copies, tokens, extra copies when re-sorting by local expert).
+PERMUTE_TOUCHES = {True: ((2, 2), (3, 2), 4), False: ((7, 1), (9, 1), 4)}
+
+
+def permutation_bytes(spec: ModelSpec, stack: Stack, ep: int, local_experts: float) -> tuple[float, float]:
+    """HBM bytes per token (on the whole sequence; the caller divides by sequence parallelism) that an MoE layer's
+    token permutation moves in forward and in backward (`PERMUTE_TOUCHES`): the re-sort by local expert runs
+    only after an all-to-all (ep > 1) that lands on more than one local expert."""
+    if spec.n_experts <= 1:
+        return 0.0, 0.0
+    (cf, tf), (cb, tb), resort = PERMUTE_TOUCHES[stack.fused_elementwise]
+    sort = resort if ep > 1 and local_experts > 1 else 0
+    copy, token = 2 * spec.top_k * spec.d_model, 2 * spec.d_model
+    return (cf + sort) * copy + tf * token, (cb + sort) * copy + tb * token
 
 
 def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int, fp8: bool = False) -> float:
