@@ -88,6 +88,17 @@ def run_engine(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> 
     raise AssertionError("engine did not finish")
 
 
+def test_prefill_computes_logits_of_the_last_prompt_token_only(model, tok):
+    rows: list[int] = []
+    real = model.output
+    model.output = lambda h: (rows.append(h.shape[1]), real(h))[1]  # type: ignore[method-assign]
+    try:
+        run_engine(Engine(model, tok), [(p, SamplingParams(max_tokens=2, temperature=0)) for p in prompts(3)])
+    finally:
+        del model.output
+    assert rows and set(rows) == {1}  # prompts of 3-40 tokens; one position each reaches the output head
+
+
 @pytest.mark.parametrize("kv_mb", [4.0, 0.2])  # 0.2 MB: too small for all at once, so sequences get preempted
 def test_engine_batches_and_preempts_without_changing_tokens(model, tok, kv_mb):
     ps = prompts(10, seed=1)

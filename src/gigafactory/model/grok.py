@@ -287,8 +287,13 @@ class GrokModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCacheLike | None = None) -> Tensor:
-        """Logits [B, T, V] for tokens [B, T]. `positions` default to 0..T-1; with a cache, pass them."""
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, cache: KVCacheLike | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Logits [B, T, V] for tokens [B, T]. `positions` default to 0..T-1; with a cache, pass them.
+        `logits_at` [B] picks one column per row: then only those get logits, [B, 1, V] (a prefill needs
+        its last token's alone, and the output head is the widest matmul of a small model)."""
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
@@ -298,6 +303,8 @@ class GrokModel(nn.Module):
         h = self.embed(tokens) * self.spec.embedding_multiplier
         for block in self.layers.values():
             h = block(h, cos, sin, keys, cache)
+        if logits_at is not None:
+            h = h[torch.arange(b, device=h.device), logits_at][:, None]
         return self.output(h)
 
     def output(self, h: Tensor) -> Tensor:

@@ -25,11 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
 
 from gigafactory.serve.engine import Engine, EngineConfig
+from gigafactory.serve.engine_process import EngineProcess
 from gigafactory.serve.limits import ApiKeys, BodyLimit, CallerLimits
 from gigafactory.serve.metrics import ServeMetrics
 from gigafactory.serve.personas import Persona, load_all
@@ -41,7 +42,7 @@ __all__ = ["APIError", "ServerOptions", "ServerState", "build_state", "create_ap
 
 @dataclass
 class ServerState:
-    engine: Engine
+    engine: Engine | EngineProcess
     tok: Tokenizer
     personas: dict[str, Persona]
     health_timeout: float = 10.0
@@ -61,13 +62,20 @@ class ServerOptions:
 
 def build_state(
     run_dir: Path, cards_dir: Path | None = None, config: EngineConfig | None = None, health_timeout: float = 10.0,
-    weights: str = "full",
+    weights: str = "full", process: bool = False,
 ) -> ServerState:
-    """Everything comes from the run directory (plus optional cards)."""
+    """Everything comes from the run directory (plus optional cards). `process`: the engine runs in a process
+    of its own (`engine_process`), which then loads the model; otherwise in a thread of this one."""
     from gigafactory.runs import load_for_inference
+    from gigafactory.tokenizer import load_tokenizer
 
-    model, tok, _ = load_for_inference(Path(run_dir), quiet=True, weights=weights)
-    engine = Engine(model, tok, config or EngineConfig(), ServeMetrics())
+    engine: Engine | EngineProcess
+    if process:
+        engine = EngineProcess(Path(run_dir), config or EngineConfig(), weights, ServeMetrics())
+        tok = load_tokenizer(Path(run_dir))
+    else:
+        model, tok, _ = load_for_inference(Path(run_dir), quiet=True, weights=weights)
+        engine = Engine(model, tok, config or EngineConfig(), ServeMetrics())
     return ServerState(engine, tok, load_all(Path(run_dir), cards_dir), health_timeout, int(time.time()))
 
 
@@ -206,7 +214,7 @@ def _routes(app: FastAPI, state: ServerState, serving: Serving, keys: ApiKeys) -
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await serving.off_loop(engine.exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 _PAGE = files("gigafactory.serve") / "page.html"

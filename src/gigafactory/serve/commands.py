@@ -35,6 +35,9 @@ def serve(
     ray_address: str | None = typer.Option(None, help="Ray cluster to place replicas on (default: start one here)"),
     tp: int = typer.Option(1, min=1, help="tensor-parallel ranks under torchrun (attention heads, expert columns)"),
     ep: int = typer.Option(1, min=1, help="expert-parallel ranks (whole experts per rank; heads split as by --tp)"),
+    engine_process: bool = typer.Option(
+        True, help="run the engine in a process of its own (else a thread sharing the HTTP side's interpreter lock)"
+    ),
 ) -> None:
     """Serve a trained run's personas with the OpenAI API (chat/completions, completions, models) and a chat page."""
     import ipaddress
@@ -89,7 +92,7 @@ def serve(
         from gigafactory.serve.parallel import serve_parallel
 
         return serve_parallel(run_dir, tp, ep, host, port, personas, config, health_timeout, weights, options)
-    state = build_state(run_dir, personas, config, health_timeout, weights)
+    state = build_state(run_dir, personas, config, health_timeout, weights, process=engine_process)
     auth = f", {len(keys)} API key(s)" if keys else ""
     print(f"serving {len(state.personas)} personas from {run_dir} on http://{host}:{port}/v1{auth}", flush=True)
     print(f"chat page: http://{host}:{port}/", flush=True)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import generate_latest
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -172,6 +173,10 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting) + len(self._inbox)}
 
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format: the engine's and the HTTP side's."""
+        return generate_latest(self.metrics.registry) + generate_latest(self.metrics.http_registry)
+
     # -- the engine thread --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -179,16 +184,23 @@ class Engine:
         while not self._stopping:
             self.heartbeat = time.monotonic()
             with self._lock:
-                if not (self._inbox or self._aborts or self.waiting or self.running):
+                if not self.busy():
                     self._lock.wait(timeout=0.25)  # idle: wake up anyway to keep the heartbeat fresh
-            try:
-                self.step()
-            except Exception:  # a bug must not silently kill the loop: fail the batch, keep serving
-                log.exception("engine step failed")
-                for seq in self.running + list(self.waiting):
-                    self._finish(seq, "error")
-                self.running.clear()
-                self.waiting.clear()
+            self.step_safely()
+
+    def busy(self) -> bool:
+        return bool(self._inbox or self._aborts or self.waiting or self.running)
+
+    def step_safely(self) -> None:
+        """One step; a bug must not silently kill the loop: it fails the batch, and serving goes on."""
+        try:
+            self.step()
+        except Exception:
+            log.exception("engine step failed")
+            for seq in self.running + list(self.waiting):
+                self._finish(seq, "error")
+            self.running.clear()
+            self.waiting.clear()
 
     def step(self) -> None:
         self._take_inbox()
@@ -292,8 +304,9 @@ class Engine:
         tokens = torch.tensor([seq.tokens[seq.computed : seq.computed + n] + [PAD_ID] * (t - n) for seq, n in group])
         positions = torch.tensor([[seq.computed + min(j, n - 1) for j in range(t)] for seq, n in group])
         cache = PagedBatch(self.pool, [seq.table for seq, _ in group], starts, lengths)
-        logits = self.model(tokens.to(self.device), positions.to(self.device), cache)
-        last = logits[torch.arange(len(group)), torch.tensor(lengths) - 1]  # [B, V]
+        # Logits of each row's last token only: the others would be thrown away.
+        at = (torch.tensor(lengths) - 1).to(self.device)
+        last = self.model(tokens.to(self.device), positions.to(self.device), cache, at)[:, 0]  # [B, V]
         # Greedy rows share one argmax (what `sample` does at temperature 0); the others sample one by one,
         # each with its own generator, exactly as `generate` does.
         shared = [self._shares_argmax(seq) for seq, _ in group]

@@ -36,7 +36,12 @@ class ServeMetrics:
         self.prefix_queries = Gauge(_PREFIX + "prefix_cache_queried_tokens", "Prompt tokens looked up", registry=r)
         self.prefix_hits = Gauge(_PREFIX + "prefix_cache_hit_tokens", "Prompt tokens found cached", registry=r)
         self.prefix_hit_rate = Gauge(_PREFIX + "prefix_cache_hit_rate", "Hit tokens / queried tokens", registry=r)
-        self.http_errors = Counter(_PREFIX + "http_errors", "Error responses by status", ["status"], registry=r)
+        # The HTTP side's own, apart: with the engine in another process (`engine_process`), each side
+        # exposes its registry and `/metrics` joins the two.
+        self.http_registry = CollectorRegistry()
+        self.http_errors = Counter(
+            _PREFIX + "http_errors", "Error responses by status", ["status"], registry=self.http_registry
+        )
 
     def finished(self, reason: str, seconds: float) -> None:
         self.requests.labels(reason).inc()

@@ -156,7 +156,7 @@ class LockstepModel(nn.Module):
         self._pinger = threading.Thread(target=self._keepalive, name="gigafactory-tp-keepalive", daemon=True)
         self._pinger.start()
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: PagedBatch) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, cache: PagedBatch, logits_at: Tensor | None = None) -> Tensor:
         b, t = tokens.shape
         nb = cache.tables.shape[1]
         payload = torch.cat([tokens.reshape(-1), positions.reshape(-1), cache.tables.reshape(-1), cache.starts,
@@ -165,7 +165,7 @@ class LockstepModel(nn.Module):
             dist.broadcast(torch.tensor([_FORWARD, b, t, nb], dtype=torch.int64), 0)
             dist.broadcast(payload, 0)
             self._last = time.monotonic()
-            return self.inner(tokens, positions, cache)
+            return self.inner(tokens, positions, cache, logits_at)
 
     def _send(self, op: int) -> None:
         with self._lock:

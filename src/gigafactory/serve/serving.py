@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from gigafactory.chat import END_OF_SPEECH
 from gigafactory.serve.engine import Engine, Output, QueueFull
+from gigafactory.serve.engine_process import EngineProcess
 from gigafactory.serve.limits import CallerLimits
 from gigafactory.serve.personas import Persona, PromptTooLong
 from gigafactory.serve.sampling import SamplingParams, TokenLogprob
@@ -88,7 +89,7 @@ class Lease:
 
 @dataclass
 class Serving:
-    engine: Engine
+    engine: Engine | EngineProcess
     tok: Tokenizer
     personas: dict[str, Persona]
     limits: CallerLimits = field(default_factory=CallerLimits)
