@@ -268,7 +268,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=64, help="our --max-batch")
     ap.add_argument("--max-model-len", type=int, default=None, help="default: the spec's context")
-    ap.add_argument("--vllm-kv-gb", type=float, default=2.0)
+    ap.add_argument("--vllm-kv-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GB: vLLM parses an int)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/serve_vs_vllm"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

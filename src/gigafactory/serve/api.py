@@ -66,11 +66,12 @@ def build_state(
 ) -> ServerState:
     """Everything comes from the run directory (plus optional cards). `process`: the engine runs in a process
     of its own (`engine_process`), which then loads the model; otherwise in a thread of this one."""
-    from gigafactory.runs import load_for_inference
+    from gigafactory.runs import load_for_inference, load_run_spec
     from gigafactory.tokenizer import load_tokenizer
 
     engine: Engine | EngineProcess
     if process:
+        load_run_spec(Path(run_dir))  # "not a run directory" before starting a process to find out
         engine = EngineProcess(Path(run_dir), config or EngineConfig(), weights, ServeMetrics())
         tok = load_tokenizer(Path(run_dir))
     else:
