@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from gigafactory.errors import UserError
@@ -81,6 +80,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _own_propagation_mode() -> contextlib.AbstractContextManager[Any]:
+    """DTensor computes each op's output shape by running it on *global*-shape fake tensors, in the active fake
+    mode (`ShardingPropagator`: ``detect_fake_mode() or FakeTensorMode()``). Under the dry run's FakeTensorMode
+    that is ours, and the memory tracker (which skips only ops run in another fake mode) counted those global
+    tensors as this rank's: AdamW's foreach ops over every parameter showed up as 2.5-5× the planner's peak, all
+    of it "optimizer". `detect_fake_mode` prefers a tracing context's mode, so one with a mode of its own sends
+    the shape propagation there."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return tracing(TracingContext(FakeTensorMode()))
+
+
 def _memory(snapshot: dict[Any, Any]) -> dict[str, float]:
     """Tracker categories → the planner's terms (bytes on this rank)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
@@ -110,7 +122,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
     from gigafactory.model.init import materialize
     from gigafactory.parallel import CommCounter, apply_layout, build_meshes, check_layout
     from gigafactory.train.config import TrainConfig
-    from gigafactory.train.loop import build_optimizer
+    from gigafactory.train.loop import build_optimizer, lm_loss
 
     check_layout(layout, spec, world)
     if layout.pp > 1 or layout.dp_shard * layout.dp_replicate == 1:
@@ -135,15 +147,13 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
             optimizer = build_optimizer(par.model, TrainConfig())
             tracker = FSDPMemTracker(par.model, optimizer)
             counter = CommCounter()
-            with tracker, counter:
+            with _own_propagation_mode(), tracker, counter:
                 for i in range(grad_accum):
                     tracker.reset_mod_stats()  # per-module stats per micro-batch; the step's peak is kept
                     par.set_gradient_sync(i == grad_accum - 1)
                     x = torch.randint(1, spec.vocab_size, (micro, seq_len))
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        logits = par.model(x)
-                    y = x[:, : logits.shape[1]]
-                    (F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / grad_accum).backward()
+                    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+                    (lm_loss(par.model, x, par.targets(x), autocast) / grad_accum).backward()
                 # Clipping's traffic: gradients still partial over tp are summed (its global norm is a scalar
                 # all-reduce the planner does not count, and reading it needs values fake tensors lack).
                 par._sum_over_tp(counter)
