@@ -83,7 +83,7 @@ def test_collective_bytes_tiny_fsdp_by_hand() -> None:
     p = tiny.params_total - tiny.d_model  # the final norm is not counted per layer/embedding
     emb = tiny.embedding_params
     assert got["all_gather"] == pytest.approx(2 * (2 * (p - emb) + emb) * 2, rel=1e-3)
-    assert got["reduce_scatter"] == pytest.approx(p * 4, rel=1e-3)  # fp32 gradients once per step
+    assert got["reduce_scatter"] == pytest.approx(2 * p * 4, rel=1e-3)  # fp32 gradients after each micro-batch
     assert set(got) == {"all_gather", "reduce_scatter"}
     tp = collective_bytes(tiny, Layout(tp=2), 2, 128, reshard_after_forward=False)
     # 2 layers × (attention + FFN) × (fwd + bwd) × 2 micro-batches × 128 tokens × 128 dims × 2 bytes
@@ -577,7 +577,11 @@ def test_pipeline_memory_is_the_busier_end_not_first_plus_logits() -> None:
     one = Layout(dp_shard=64, tp=8)
     small, big = (estimate(g2.model_copy(update={"vocab_size": v}), one, cl, 512, 8192, MODERN, with_bytes=False)
                   for v in (131072, 2 * 131072))
-    assert big.memory["logits"] == 2 * small.memory["logits"] > 0  # one stage holds both
+    # one stage holds both, at different moments (the loss's backward, a layer's backward): the busier counts
+    assert big.memory["logits"] > 0 and big.memory_total > small.memory_total
+    assert small.memory["logits"] in (0.0, big.memory["logits"] / 2)
+    if small.memory["logits"] == 0.0:  # a layer's backward was the busier moment: FSDP holds three layers then
+        assert small.memory["gathered_weights"] > big.memory["gathered_weights"]
 
 
 def test_last_stage_in_flight_follows_megatron_warmup() -> None:

@@ -66,11 +66,14 @@ class Stack:
     kernels_per_layer: int = 24
     kernel_gap_s: float = 2e-6
     fused_elementwise: bool = True
-    # bytes per logit element at the loss's peak: bf16 logits + fp32 copy + fp32 softmax/log-softmax kept for
+    # bytes per logit element at the loss's forward peak: bf16 logits + fp32 copy + fp32 softmax/log-softmax kept for
     # backward (10, PyTorch's cross_entropy on .float() logits); Megatron-Core's vocab-parallel cross entropy casts
     # once and then works in place (max, exp, normalise, gradient all on the same fp32 buffer, which it saves for
     # backward: megatron/core/tensor_parallel/cross_entropy.py), so bf16 + fp32 = 6.
     logits_bytes: int = 10
+    # ... and at its backward peak, when larger (0: the same): PyTorch's log-softmax backward writes a new fp32
+    # gradient beside the saved output and the incoming gradient (4 + 4 + 4 = 12).
+    logits_bwd_bytes: int = 0
     # the pipeline runs DeepSpeed's PipelineEngine `TrainSchedule`: blocking send/recv pairs issued at the start of
     # the step after the compute that produced them (see `blocking_pipeline_time`)
     blocking_pipeline: bool = False
@@ -111,8 +114,12 @@ DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0,
 # torchtitan / FSDP2 (what gigafactory's trainer runs): flash attention (SDPA), FSDP2 prefetch of the next
 # layer's gather and overlapped reduce-scatter, async TP hides about half of TP traffic; eager PyTorch launches
 # more kernels per layer than the fused frameworks.
+# Its loss: gigafactory's model casts the bf16 head output to fp32 inside the model (the bf16 copy dies at the
+# cast, unlike torchtitan's, which the caller holds) and scales it, so the forward peak is the fp32 logits and the
+# log-softmax (8), the backward's 12 (the dry run measures both, tests/test_dryrun.py).
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
-               distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False, loss_bytes=36)
+               distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False, loss_bytes=36,
+               logits_bytes=8, logits_bwd_bytes=12)
 TORCHTITAN = MODERN
 STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
 # other spellings a validation file may use
@@ -162,6 +169,7 @@ class StepCost:
     peak_flops: float
     collective_bytes: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    activations_peak: float = 0.0  # the most activation bytes held at any moment (`peak_transients`)
 
     @property
     def tokens_per_s(self) -> float:
@@ -629,8 +637,9 @@ def collective_bytes(
     tensor bytes; all_to_all = input tensor bytes; send_recv = bytes sent. Assumptions (FSDP2 / torchtitan):
     parameters are gathered in forward and again in backward when ``reshard_after_forward`` (one gather per
     micro-batch otherwise, and always for the root unit's embedding/head, which FSDP2 does not reshard);
-    gradients are reduce-scattered once per step (gradient accumulation without sync) in ``grad_bytes``
-    precision; HSDP all-reduces the sharded gradient over dp_replicate. Figures are for the busiest rank
+    gradients are reduce-scattered after every micro-batch (once per step under a pipeline schedule) in
+    ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate once per step. Figures are
+    for the busiest rank
     (a middle pipeline stage holding the largest share of layers). Under tensor parallelism the weights every tp
     rank holds whole (norms; the embedding/head unless ``vocab_parallel``) see only this rank's sequence slice, so
     their gradients are all-reduced over tp in every backward (Megatron-LM does this for its norms under sequence
@@ -663,7 +672,9 @@ def collective_bytes(
             out["all_gather"] += ((n_micro + 1) * (gathered - root) + root) * dtype_bytes
         else:
             out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
-        out["reduce_scatter"] += gathered * grad_bytes
+        # reduce-scattered after every micro-batch (the trainer keeps no unsharded gradient between them); a
+        # pipeline schedule reduces once per step (torch.distributed.pipelining syncs only the last backward)
+        out["reduce_scatter"] += (1 if lay.pp > 1 else n_micro) * gathered * grad_bytes
         if lay.dp_replicate > 1:
             out["all_reduce"] += (dense_local / shard + expert_local / max(exp_shard, 1)) * grad_bytes
     elif lay.dp_replicate > 1:
@@ -673,8 +684,10 @@ def collective_bytes(
     act = T * h * dtype_bytes  # one full-sequence activation of this rank
     if lay.tp > 1:
         replicated = layers * spec.norm_params_per_layer + spec.d_model + (0 if vocab_parallel else embed_stage)
-        # The hooks reduce whole gradients over tp before FSDP reduce-scatters them (measured: not divided by dp).
-        out["all_reduce"] += n_micro * replicated * grad_bytes
+        # The hooks reduce whole gradients over tp before FSDP reduce-scatters them (measured: not divided by dp),
+        # in the dtype of the gathered working weights (bf16 under mixed precision: FSDP casts to fp32 only for
+        # its own reduction; the dry run measured 0.58 of the planner when this counted fp32).
+        out["all_reduce"] += n_micro * replicated * dtype_bytes
         if router_grads_over_tp:
             out["all_reduce"] += n_micro * layers * lay.micro_batch * seq_len / lay.cp * spec.top_k * 4
         passes = 2 + (1 if lay.recompute == "full" else 0)  # fwd, bwd (+ recomputed fwd)
@@ -885,6 +898,10 @@ def estimate(
         last_bwd = _chain_exposed(bwd_gather + fsdp["grads_layer"], layer_mb_t[1], layers_local, ov)
         exposed["fsdp_gather"] = n_micro * (fwd_exp + fsdp["root"]) + (n_micro - 1) * bwd_exp
         exposed["dp_grads"] = last_bwd
+        if lay.pp == 1 and n_micro > 1:  # the earlier micro-batches reduce-scatter too, behind their backward
+            comm["dp_grads"] += (n_micro - 1) * fsdp["rs"]
+            rs_bwd = _chain_exposed(bwd_gather + fsdp["rs_layer"], layer_mb_t[1], layers_local, ov)
+            exposed["dp_grads"] += (n_micro - 1) * (rs_bwd - bwd_exp)
     else:
         dp_t, ag_t = _megatron_dp_comm(lay, cluster, stack, local_params, shard, dp_in_node, expert_local,
                                        exp_shard)
@@ -925,23 +942,12 @@ def estimate(
         extra = 0.0
     hw_flops = model_flops + extra * tokens / cluster.n_gpus
 
-    # ---- memory on the busiest GPU (first stage: most in-flight micro-batches)
+    # ---- memory on the busiest GPU at its busiest moment
     mem = {k: dense_local * v for k, v in state_split(fsdp_shard, opt_shard).items()}
     for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
-    if fsdp_shard > 1:
-        per_layer = parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))
-        mem["gathered_weights"] = 2 * per_layer * 2 * (1 + 1)  # bf16 params + grads of ~2 layers (prefetch)
-    act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8)
-    rebuilt = 0.0
-    if lay.recompute == "full":
-        full = lay.model_copy(update={"recompute": "none"})
-        rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
-    logits = T * spec.vocab_size / lay.tp * stack.logits_bytes
-    # the first stage holds the most micro-batches in flight, the last one the logits: the busier of the two
-    first = layers_local * act_layer * in_flight_microbatches(lay, n_micro) + rebuilt
-    last = layers_local * act_layer * in_flight_last_stage(lay, n_micro) + rebuilt + logits
-    mem["activations"], mem["logits"] = (first, 0.0) if lay.pp > 1 and first >= last else (last - logits, logits)
+    transient, act_peak = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8)
+    mem.update(transient)
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     if lay.pp > 1 and n_micro < lay.pp:
         notes.append(f"only {n_micro} micro-batches for {lay.pp} stages: the pipeline is mostly bubble")
@@ -954,13 +960,63 @@ def estimate(
         step_time_s=step, compute_s=compute_s, bubble_s=bubble_s, exposed_comm_s=exposed, comm_s=comm,
         optimizer_s=optimizer_s, memory=mem, memory_capacity=capacity, model_flops_per_gpu=model_flops,
         hw_flops_per_gpu=hw_flops, peak_flops=gpu.bf16_dense_flops, collective_bytes=cb, notes=notes,
+        activations_peak=act_peak,
     )
+
+
+def logit_bytes(spec: ModelSpec, stack: Stack) -> tuple[float, float]:
+    """Bytes per logit element the loss holds at its forward and at its backward peak. Eager PyTorch's soft-cap
+    c·tanh(x/c) keeps tanh's fp32 output for its backward, 4 more in both (grok-2: measured by the dry run)."""
+    cap = 4 if spec.final_softcap and not stack.fused_elementwise else 0
+    return stack.logits_bytes + cap, max(stack.logits_bytes, stack.logits_bwd_bytes) + cap
+
+
+def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_micro: int, fsdp: bool,
+                    fp8: bool = False) -> tuple[dict[str, float], float]:
+    """What one GPU holds besides its parameter/gradient/optimizer state at the step's busiest moment, as
+    (``gathered_weights``, ``activations``, ``logits``), and the most activation bytes held at any moment.
+
+    The busiest moment is one of two, never both (the dry run measured each): the loss's backward (the saved
+    activations of every layer, the logits' fp32 buffers) or a layer's backward (the saved activations, that
+    layer's rebuilt ones under full recompute, and FSDP's copies of this layer's weights, the next layer's,
+    prefetched, and this layer's bf16 gradient, 6 bytes per parameter of a layer). The root unit (embedding,
+    head) stays gathered (bf16) from its forward to the end of the backward, plus its bf16 gradient once the
+    head's backward has run. With pipeline stages the first stage holds the most micro-batches, the last the
+    logits: both ends are checked."""
+    parts = _parts(spec)
+    layers = math.ceil(spec.n_layers / lay.pp)
+    T = lay.micro_batch * seq_len / lay.cp
+    act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8)
+    rebuilt = 0.0
+    if lay.recompute == "full":
+        full = lay.model_copy(update={"recompute": "none"})
+        rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
+    fwd_b, bwd_b = logit_bytes(spec, stack)
+    logit_elems = T * spec.vocab_size / lay.tp
+    # the final norm's saved tensors, per token and model dimension: its bf16 input and output, and eagerly also
+    # the fp32 copy and the fp32 normalised values (2 + 4 + 4 + 2)
+    final_norm = T * spec.d_model / (lay.tp if stack.sequence_parallel else 1) * (4 if stack.fused_elementwise else 12)
+    root = _embed_params_on_stage(parts, lay.pp) / lay.tp * 2 if fsdp else 0.0
+    layer = (parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))) * 2 if fsdp else 0.0
+    ends = [in_flight_last_stage(lay, n_micro)] + ([in_flight_microbatches(lay, n_micro)] if lay.pp > 1 else [])
+    phases = []
+    for i, in_flight in enumerate(ends):
+        saved = layers * act_layer * in_flight
+        if i == 0:  # the last stage's loss
+            phases.append({"gathered_weights": root, "activations": saved + final_norm,
+                           "logits": logit_elems * bwd_b})
+        phases.append({"gathered_weights": 2 * root + 3 * layer, "activations": saved + rebuilt, "logits": 0.0})
+    busiest = max(phases, key=lambda ph: sum(ph.values()))
+    act_peak = max(layers * act_layer * in_flight + max(rebuilt, final_norm + logit_elems * fwd_b if i == 0 else 0.0)
+                   for i, in_flight in enumerate(ends))
+    return busiest, act_peak
 
 
 def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard: int, exp_shard: int,
                dp_in_node: int, layers: int, embed_stage: int) -> dict[str, float]:
     """FSDP2 calls per layer (one FSDP unit per layer): the bf16 gather of a layer's dense and expert shards, the
-    fp32 reduce-scatter of its gradients (+ the HSDP all-reduce over dp_replicate), and the root unit's gather."""
+    fp32 reduce-scatter of its gradients (+ the HSDP all-reduce over dp_replicate, once per step), and the root
+    unit's gather. ``rs``: the reduce-scatters alone, which every micro-batch runs."""
     t = lay.tp
     inner = min(t, cluster.gpus_per_node)
     in_node = min(shard, dp_in_node)
@@ -968,12 +1024,13 @@ def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard
     dense_l, expert_l = parts.layer_dense / t, parts.layer_expert / (expert_tp(lay) * lay.ep)
     gb = stack.grad_reduce_bytes
     gather = 0.0
-    grads = 0.0
+    rs = 0.0
     if shard > 1:
         gather = collective_time("all_gather", dense_l * 2, shard, in_node, cluster, inner)
         gather += collective_time("all_gather", expert_l * 2, exp_shard, exp_in, cluster, inner * lay.ep)
-        grads = collective_time("reduce_scatter", dense_l * gb, shard, in_node, cluster, inner)
-        grads += collective_time("reduce_scatter", expert_l * gb, exp_shard, exp_in, cluster, inner * lay.ep)
+        rs = collective_time("reduce_scatter", dense_l * gb, shard, in_node, cluster, inner)
+        rs += collective_time("reduce_scatter", expert_l * gb, exp_shard, exp_in, cluster, inner * lay.ep)
+    grads = rs
     if lay.dp_replicate > 1:
         rep_in = max(1, dp_in_node // shard)
         stride = inner * shard
@@ -983,8 +1040,9 @@ def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard
     root_t = collective_time("all_gather", root * 2, shard, in_node, cluster, inner) if shard > 1 else 0.0
     root_rs = collective_time("reduce_scatter", root * gb, shard, in_node, cluster, inner) if shard > 1 else 0.0
     gathers = 2 if stack.reshard_after_forward else 1
-    return {"gather_layer": gather, "grads_layer": grads, "root": root_t,
-            "gather_mb": gathers * layers * gather + root_t, "grads": layers * grads + root_rs}
+    return {"gather_layer": gather, "grads_layer": grads, "root": root_t, "rs_layer": rs,
+            "gather_mb": gathers * layers * gather + root_t, "grads": layers * grads + root_rs,
+            "rs": layers * rs + root_rs}
 
 
 def _megatron_dp_comm(lay: Layout, cluster: Cluster, stack: Stack, local_params: float, shard: int,

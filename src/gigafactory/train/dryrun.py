@@ -182,9 +182,8 @@ def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad
     lay = layout.model_copy(update={"micro_batch": micro})
     cost = estimate(spec, lay, Cluster.of(get_gpu(gpu), world), batch_size, seq_len, with_bytes=False)
     m = cost.memory
-    act = m.get("activations", 0.0) + m.get("logits", 0.0)
     memory = {"params": m["weights"], "grads": m["gradients"], "optimizer": m["optimizer"],
-              "activations_peak": act, "total_peak": sum(m.values())}
+              "activations_peak": cost.activations_peak, "total_peak": sum(m.values())}
     coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2)
     return {"memory": memory, "collectives": {k: v for k, v in coll.items() if v}}
 
