@@ -66,6 +66,11 @@ def build(model_name: str, max_batch: int) -> tuple[Engine, Any, Timers]:
         setattr(engine, name, timers.wrap(name, getattr(engine, name)))
     engine.pool.register_full_blocks = timers.wrap("register_blocks", engine.pool.register_full_blocks)
     engine.model = timers.wrap("model", model)
+    # Inside the forward: attention (projections, RoPE, KV-cache scatter/gather, attend) and the experts'
+    # grouped matmuls; the rest of the model is norms, the router, dispatch and the output head.
+    for block in model.layers.values():
+        block.attn.forward = timers.wrap("  attention", block.attn.forward)
+        block.moe.experts.forward = timers.wrap("  experts", block.moe.experts.forward)
     return engine, tok, timers
 
 
@@ -205,6 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     phases = ["_take_inbox", "_admit", "_schedule", "paged_batch", "model", "register_blocks", "_append"]
+    inside = ["  attention", "  experts"]  # parts of "model", not added to the accounted time
     for n in [] if args.gil_only else args.concurrency:
         engine, tok, timers = build(args.model, args.max_batch)
         run(engine, tok, timers, min(n, 4), args.prompt, 4)  # warm-up
@@ -214,7 +220,7 @@ def main() -> None:
               f"tokens/s, {r['steps']:.0f} steps, {step_ms:.1f} ms/step")  # fmt: skip
         # `_append` runs inside the step after the model; `model` includes paged_batch's consumers, not its init.
         accounted = sum(r.get(p, 0.0) for p in phases)
-        for p in phases:
+        for p in phases[:5] + inside + phases[5:]:
             ms = 1e3 * r.get(p, 0.0) / r["steps"]
             print(f"  {p:16s} {ms:7.2f} ms/step  {100 * r.get(p, 0.0) / r['wall']:5.1f} %")
         rest = r["wall"] - accounted

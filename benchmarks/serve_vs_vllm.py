@@ -47,6 +47,7 @@ class Level:
     tokens_per_s: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    completion: list[int] = field(default_factory=list)  # tokens per request, from the usage chunks
     failed: int = 0
 
 
@@ -153,9 +154,10 @@ async def one(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
 ) -> tuple[float, list[float], int] | None:  # noqa: E501
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
     stamps: list[float] = []
+    generated = 0  # as the server counts them (its usage chunk), not assumed
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             return None
@@ -165,9 +167,11 @@ async def one(
             event = json.loads(line[6:])
             if event.get("choices") and event["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
+            if event.get("usage"):
+                generated = event["usage"]["completion_tokens"]
     if not stamps:
         return None
-    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], max_tokens
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], generated
 
 
 async def level(url: str, model: str, texts: list[str], concurrency: int, requests: int, max_tokens: int) -> Level:
@@ -188,6 +192,7 @@ async def level(url: str, model: str, texts: list[str], concurrency: int, reques
                 out.ttft.append(r[0])
                 out.itl.extend(r[1])
                 tokens += r[2]
+                out.completion.append(r[2])
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -212,11 +217,12 @@ def measure(name: str, url: str, model: str, texts: list[str], args: argparse.Na
             "itl_p50": statistics.median(pct(r.itl, 50) for r in runs),
             "itl_p99": statistics.median(pct(r.itl, 99) for r in runs),
             "failed": sum(r.failed for r in runs),
+            "min_tokens": min(min(r.completion, default=0) for r in runs),
         }
         results[c] = row
         print(f"{name:6s} {c:3d} concurrent: {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:7.1f} "
               f"p99 {row['ttft_p99']:7.1f} ms  ITL p50 {row['itl_p50']:6.1f} p99 {row['itl_p99']:6.1f} ms  "
-              f"failed {row['failed']}", flush=True)  # fmt: skip
+              f"failed {row['failed']}  min tokens/request {row['min_tokens']}", flush=True)  # fmt: skip
     return results
 
 
