@@ -65,13 +65,23 @@ def _shard_options(dp: int, per_node_dp: int) -> list[int]:
     return sorted(d for d in opts if dp % d == 0)
 
 
+RECOMPUTES = ("none", "selective", "full")
+
+
 def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: Stack = MODERN,
-                      recomputes: tuple[str, ...] = ("none", "selective", "full"),
+                      recomputes: tuple[str, ...] = RECOMPUTES,
                       ) -> Iterator[Layout]:
+    for base in _base_layouts(spec, cluster, seq_len):
+        for mb in MICRO_BATCHES:
+            for rec in recomputes:
+                yield base.model_copy(update={"micro_batch": mb, "recompute": rec})
+
+
+def _base_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int) -> Iterator[Layout]:
+    """The parallel degrees and schedules the trainer supports (micro-batch and recompute left at defaults)."""
     n = cluster.n_gpus
     per_node = cluster.gpus_per_node
     heads_gcd = math.gcd(spec.n_heads, spec.n_kv_heads)
-    recs = list(recomputes)
     for tp in _divisors(heads_gcd):
         if tp > per_node or n % tp:
             continue
@@ -90,11 +100,8 @@ def enumerate_layouts(spec: ModelSpec, cluster: Cluster, seq_len: int, stack: St
                             base = Layout(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, ep=ep, cp=cp,
                                           pp_schedule=sched, pp_virtual=v)  # type: ignore[arg-type]
                             # The trainer's own answer (specs.layout): never propose what it refuses.
-                            if not is_supported(base, spec, n, per_node):
-                                continue
-                            for mb in MICRO_BATCHES:
-                                for rec in recs:
-                                    yield base.model_copy(update={"micro_batch": mb, "recompute": rec})
+                            if is_supported(base, spec, n, per_node):
+                                yield base
 
 
 def _schedules(spec: ModelSpec, pp: int) -> list[tuple[str, int]]:
@@ -136,28 +143,30 @@ def search(
     leanest: StepCost | None = None
     evaluated = enumerated = 0
     smallest = 0
-    fits_without_recompute: set[tuple[object, ...]] = set()
-    for lay in enumerate_layouts(spec, cluster, seq_len, stack):
-        unit = lay.dp * lay.micro_batch * (lay.pp if lay.pp_schedule in MULTI_STAGE_SCHEDULES else 1)
-        gbs = math.ceil(target / unit) * unit
-        enumerated += 1
-        smallest = min(smallest, gbs) if smallest else gbs
-        if gbs > max_batch_factor * target:
-            continue
-        key = (lay.dp_replicate, lay.dp_shard, lay.tp, lay.pp, lay.ep, lay.cp, lay.micro_batch, lay.pp_schedule,
-               lay.pp_virtual)
-        if lay.recompute != "none" and key in fits_without_recompute:
-            continue  # dominated: the same layout without recomputation fits and does less work
-        evaluated += 1
-        if progress and evaluated % 256 == 0:
-            progress(256)
-        cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False, fp8=fp8)
-        if leanest is None or cost.memory_total < leanest.memory_total:
-            leanest = cost
-        if cost.fits:
-            ranked.append(cost)
-            if lay.recompute == "none":
-                fits_without_recompute.add(key)
+    # the batch cap depends only on dp, the micro-batch and the schedule: test it before building each layout
+    for base in _base_layouts(spec, cluster, seq_len):
+        pipe = base.pp if base.pp_schedule in MULTI_STAGE_SCHEDULES else 1
+        for mb in MICRO_BATCHES:
+            unit = base.dp * mb * pipe
+            gbs = math.ceil(target / unit) * unit
+            enumerated += len(RECOMPUTES)
+            smallest = min(smallest, gbs) if smallest else gbs
+            if gbs > max_batch_factor * target:
+                continue
+            fits_plain = False
+            for rec in RECOMPUTES:
+                if rec != "none" and fits_plain:
+                    continue  # dominated: the same layout without recomputation fits and does less work
+                lay = base.model_copy(update={"micro_batch": mb, "recompute": rec})
+                evaluated += 1
+                if progress and evaluated % 256 == 0:
+                    progress(256)
+                cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False, fp8=fp8)
+                if leanest is None or cost.memory_total < leanest.memory_total:
+                    leanest = cost
+                if cost.fits:
+                    ranked.append(cost)
+                    fits_plain = rec == "none"
     ranked.sort(key=lambda c: c.step_time_s / (c.global_batch_seqs * c.seq_len))
     if rank_by == "cost":  # with one GPU type and count, $/token follows time/token; ties go to smaller batch
         ranked.sort(key=lambda c: (round(c.step_time_s / (c.global_batch_seqs * c.seq_len), 15),

@@ -4,12 +4,14 @@ here or elsewhere) and `gigafactory serve RUN --replicas R [--backend local|ray]
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from gigafactory.errors import UserError
-from gigafactory.serve.router import Replica, Router, RoutingPolicy, create_router_app
+
+if TYPE_CHECKING:  # the router pulls in fastapi and httpx: imported by the commands that run it, not at start-up
+    from gigafactory.serve.router import RoutingPolicy
 
 BACKENDS = ("local", "ray")
 
@@ -17,6 +19,8 @@ BACKENDS = ("local", "ray")
 def run_router(urls: list[str], host: str, port: int, policy: RoutingPolicy, drain_timeout: float,
                on_shutdown: Any = None) -> None:  # fmt: skip
     import uvicorn
+
+    from gigafactory.serve.router import Replica, Router, create_router_app
 
     replicas = [Replica(url.rstrip("/").removesuffix("/v1"), f"r{i}") for i, url in enumerate(urls)]
     app = create_router_app(Router(replicas, policy), on_shutdown)
@@ -33,6 +37,8 @@ def router(
     drain_timeout: float = typer.Option(30.0, min=0, help="seconds in-flight responses get to finish on shutdown"),
 ) -> None:
     """One OpenAI-compatible front over several servers: persona/prefix affinity, load bounds, fail-over."""
+    from gigafactory.serve.router import RoutingPolicy
+
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise UserError(f"replica URL {url!r} must start with http:// or https://")
@@ -43,6 +49,7 @@ def serve_replicas(run_dir: Path, replicas: int, backend: str, host: str, port: 
                    options: dict[str, Any], ray_address: str | None, drain_timeout: float) -> None:  # fmt: skip
     """Start `replicas` engines on `backend`, then the router in front of them; stop them after it drains."""
     from gigafactory.serve.replicas import LocalReplicas, RayReplicas
+    from gigafactory.serve.router import RoutingPolicy
 
     if backend not in BACKENDS:
         raise UserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
