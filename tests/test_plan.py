@@ -409,7 +409,8 @@ def test_plan_does_not_import_torch() -> None:
     imported on its way (torch for training, fastapi/httpx for serving, plotly for the report)."""
     heavy = ("torch", "fastapi", "httpx", "plotly", "pandas")
     code = ("import sys\nfrom gigafactory import cli\nsys.argv = ['gigafactory', 'plan']\ntry:\n    cli.main()\n"
-            f"except SystemExit:\n    pass\nprint('HEAVY', [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
+            "except SystemExit:\n    pass\n"
+            f"print('HEAVY', [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "MFU" in r.stdout, r.stderr
     assert "HEAVY []" in r.stderr, r.stderr
