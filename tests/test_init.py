@@ -47,3 +47,39 @@ def test_meta_model_materializes_with_the_spec_scales() -> None:
     assert abs(float(emb.std()) * spec.embedding_multiplier - 1) < 0.05
     w = params["layers.0.moe.experts.w_down"]  # [E, ffn, d]: fan-in is the FFN width
     assert abs(float(w.std()) * spec.expert_ffn**0.5 - 1) < 0.05
+
+
+def test_experts_stored_flat_start_equal_and_compute_the_same() -> None:
+    """FSDP over more ranks than d_model splits into stores experts 2-D (`parallel.fsdp.flatten_experts`): the
+    same initial values, the same loss and the same gradients as the 3-D weights."""
+    import torch.nn.functional as F
+
+    from gigafactory.parallel.fsdp import flatten_experts
+
+    spec = PRESETS["tiny"]
+    models = []
+    for flat in (False, True):
+        with torch.device("meta"):
+            model = GrokModel(spec)
+        if flat:
+            for block in model.layers.values():
+                flatten_experts(block.moe.experts, shards=3)  # d_model=128 does not split over 3
+        models.append(materialize(model, spec, torch.device("cpu"), seed=5))
+    whole, flat = models
+    assert flat.layers["0"].moe.experts.w_down.dim() == 2
+    x = torch.randint(1, spec.vocab_size, (2, 16))
+    grads = []
+    for model in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # `_grouped_mm` runs in bf16 here
+            loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        grads.append(loss.detach())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    flat_params = dict(flat.named_parameters())
+
+    def as_stored(t: torch.Tensor, k: str) -> torch.Tensor:  # a 3-D weight (or gradient) in the 2-D storage
+        return (t.transpose(1, 2) if k.endswith("w_down") else t).flatten(0, 1) if t.dim() == 3 else t
+
+    for k, p in whole.named_parameters():
+        torch.testing.assert_close(as_stored(p.detach(), k), flat_params[k].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(as_stored(p.grad, k), flat_params[k].grad, rtol=0, atol=0)

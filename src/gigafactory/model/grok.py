@@ -157,6 +157,9 @@ class Experts(nn.Module):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x = x.to(dtype)
         gate, up, down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        if gate.dim() == 2:  # stored [E·d, ffn], w_down transposed, for FSDP over many ranks (`parallel.fsdp`)
+            d, ffn = x.shape[-1], gate.shape[-1]
+            gate, up, down = gate.view(-1, d, ffn), up.view(-1, d, ffn), down.view(-1, d, ffn).transpose(1, 2)
         h = F.gelu(_grouped_mm(x, gate, offsets), approximate="tanh") * _grouped_mm(x, up, offsets)
         return _grouped_mm(h, down, offsets)
 

@@ -106,7 +106,10 @@ def init_std(spec: ModelSpec, name: str, global_shape: tuple[int, ...]) -> float
         return 1.0 / spec.embedding_multiplier
     if name == "lm_head.weight":
         return 1.0 / math.sqrt(spec.d_model)
-    fan_in = global_shape[-2] if len(global_shape) == 3 else global_shape[-1]
+    if ".experts.w_" in name:  # 3-D [E, in, out], or 2-D when FSDP stores them flat (`parallel.fsdp`)
+        fan_in = spec.expert_ffn if name.endswith("w_down") else spec.d_model
+    else:
+        fan_in = global_shape[-1]
     return 1.0 / math.sqrt(fan_in)
 
 
@@ -117,8 +120,23 @@ def init_params(model: nn.Module, spec: ModelSpec, seed: int) -> None:
         std = init_std(spec, name, tuple(p.shape))
         if std is None:
             p.fill_(1.0)
+        elif p.dim() == 2 and name.endswith("experts.w_down"):
+            _fill_flat_down(p, spec, seed, name, std)
         else:
             fill_normal(p, seed, name, std)
+
+
+def _fill_flat_down(p: Tensor, spec: ModelSpec, seed: int, name: str, std: float) -> None:
+    """w_down stored [E·d, ffn] (transposed and flattened, `parallel.fsdp.flatten_experts`): the value at row
+    e·d + j, column f is the 3-D [E, ffn, d] weight's value at [e, f, j]."""
+    local, offset, _ = _local_view(p)
+    d, ffn = spec.d_model, spec.expert_ffn
+    cols = (torch.arange(local.shape[1], dtype=torch.int64) + offset[1]) * d
+    step = max(1, _CHUNK // max(1, local.shape[1]))
+    for r0 in range(0, local.shape[0], step):
+        rows = torch.arange(r0, min(local.shape[0], r0 + step), dtype=torch.int64) + offset[0]
+        idx = ((rows // d) * ffn * d + rows % d)[:, None] + cols
+        local[r0 : r0 + len(rows)].copy_(normal_at(seed, name, idx) * std)
 
 
 def materialize(model: nn.Module, spec: ModelSpec, device: torch.device, seed: int) -> nn.Module:

@@ -60,10 +60,26 @@ def expert_shard_dims(model: GrokModel, shards: int) -> Callable[[nn.Parameter],
     tensor parallelism (gate/up split the FFN columns, down the FFN rows)."""
     dims: dict[nn.Parameter, Shard] = {}
     for m in model.modules():
-        if isinstance(m, Experts) and m.w_gate.shape[1] % shards == 0:
+        if isinstance(m, Experts) and m.w_gate.dim() == 3 and m.w_gate.shape[1] % shards == 0:
             dims[m.w_gate] = dims[m.w_up] = Shard(1)  # [E, d_model, ffn]
             dims[m.w_down] = Shard(2)  # [E, ffn, d_model]
     return lambda p: dims.get(p)
+
+
+def flatten_experts(experts: Experts, shards: int) -> None:
+    """Where d_model does not split evenly over the `shards` ranks (grok-2's seed plans: 8,192 over 250), store
+    the expert weights 2-D, each [E·d_model, ffn] (w_down transposed), so that FSDP shards their dimension 0:
+    FSDP2 (torch 2.13) pads an uneven dimension 0 (here by 0.7%) but refuses uneven shards of any other dimension.
+    The rows of one expert stay contiguous, so expert parallelism's Shard(0) still gives each ep rank whole
+    experts, and tensor parallelism splits dimension 1 (ffn) of all three. `Experts.forward` views them back;
+    `model.init` fills them with the 3-D weights' values. Checkpoints of such a layout hold the 2-D shapes."""
+    if experts.w_gate.dim() != 3 or experts.w_gate.shape[1] % shards == 0:
+        return
+    for name in ("w_gate", "w_up", "w_down"):
+        p = experts._parameters[name]
+        assert p is not None
+        w = p.detach().transpose(1, 2) if name == "w_down" else p.detach()
+        experts.register_parameter(name, nn.Parameter(w.flatten(0, 1).contiguous(), requires_grad=p.requires_grad))
 
 
 def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
@@ -79,12 +95,15 @@ def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
             ex = block.moe.experts  # type: ignore[union-attr]
             if expert_fsdp:
                 mesh = meshes.fsdp(experts=True)
+                flatten_experts(ex, mesh.shape[-1])  # type: ignore[arg-type]
                 units.append(fully_shard(ex, mesh=mesh, mp_policy=mp,
                                          shard_placement_fn=expert_shard_dims(model, mesh.shape[-1])))
             else:
                 expert_params.update(ex.parameters())  # type: ignore[arg-type]
     dense_mesh = meshes.fsdp()
     for block in model.layers.values():
+        if lay.ep == 1:
+            flatten_experts(block.moe.experts, dense_mesh.shape[-1])  # type: ignore[union-attr,arg-type]
         units.append(fully_shard(block, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp,
                                  shard_placement_fn=expert_shard_dims(model, dense_mesh.shape[-1])))
     units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp))
