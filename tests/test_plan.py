@@ -581,11 +581,11 @@ def test_pipeline_memory_is_the_busier_end_not_first_plus_logits() -> None:
     assert act_peak(131072) == act_peak(2 * 131072)  # first stage dominates: logits live elsewhere
     one = Layout(dp_shard=64, tp=8)
     small, big = (estimate(g2.model_copy(update={"vocab_size": v}), one, cl, 512, 8192, MODERN, with_bytes=False)
-                  for v in (131072, 2 * 131072))
+                  for v in (131072, 8 * 131072))
     # one stage holds both, at different moments (the loss's backward, a layer's backward): the busier counts
     assert big.memory["logits"] > 0 and big.memory_total > small.memory_total
-    assert small.memory["logits"] in (0.0, big.memory["logits"] / 2)
-    if small.memory["logits"] == 0.0:  # a layer's backward was the busier moment: FSDP holds three layers then
+    assert small.memory["logits"] in (0.0, big.memory["logits"] / 8)
+    if small.memory["logits"] == 0.0:  # a layer's backward was the busier moment: FSDP holds more layers then
         assert small.memory["gathered_weights"] > big.memory["gathered_weights"]
 
 

@@ -979,7 +979,8 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     The busiest moment is one of two, never both (the dry run measured each): the loss's backward (the saved
     activations of every layer, the logits' fp32 buffers) or a layer's backward (the saved activations, that
     layer's rebuilt ones under full recompute, and FSDP's copies of this layer's weights, the next layer's,
-    prefetched, and this layer's bf16 gradient, 6 bytes per parameter of a layer). The root unit (embedding,
+    prefetched, and this layer's bf16 gradient, 6 bytes per parameter of a layer; then, its activations freed,
+    the reduce-scatter of its last FSDP unit, which adds that unit's fp32 gradient buffer). The root unit (embedding,
     head) stays gathered (bf16) from its forward to the end of the backward, plus its bf16 gradient once the
     head's backward has run. With pipeline stages the first stage holds the most micro-batches, the last the
     logits: both ends are checked."""
@@ -998,6 +999,9 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     final_norm = T * spec.d_model / (lay.tp if stack.sequence_parallel else 1) * (4 if stack.fused_elementwise else 12)
     root = _embed_params_on_stage(parts, lay.pp) / lay.tp * 2 if fsdp else 0.0
     layer = (parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))) * 2 if fsdp else 0.0
+    # the FSDP unit whose gradients a layer's backward reduces last, after its activations are gone: the whole
+    # layer, or its dense part when the experts are a unit of their own (ep > 1)
+    unit = layer if lay.ep == 1 else parts.layer_dense / lay.tp * 2 * fsdp
     ends = [in_flight_last_stage(lay, n_micro)] + ([in_flight_microbatches(lay, n_micro)] if lay.pp > 1 else [])
     phases = []
     for i, in_flight in enumerate(ends):
@@ -1006,6 +1010,9 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
             phases.append({"gathered_weights": root, "activations": saved + final_norm,
                            "logits": logit_elems * bwd_b})
         phases.append({"gathered_weights": 2 * root + 3 * layer, "activations": saved + rebuilt, "logits": 0.0})
+        # its reduce-scatter: FSDP2 reshards the unit, then casts its bf16 gradient into an fp32 buffer (2 + 4
+        # bytes per parameter) while the next layer is already gathered (prefetched)
+        phases.append({"gathered_weights": 2 * root + layer + 3 * unit, "activations": saved, "logits": 0.0})
     busiest = max(phases, key=lambda ph: sum(ph.values()))
     act_peak = max(layers * act_layer * in_flight + max(rebuilt, final_norm + logit_elems * fwd_b if i == 0 else 0.0)
                    for i, in_flight in enumerate(ends))
