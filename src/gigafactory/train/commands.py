@@ -36,6 +36,8 @@ def train(
     max_bad_steps: int | None = typer.Option(None, help="non-finite steps in a row before rolling back; 0 = never"),
     hang_timeout: float | None = typer.Option(None, help="watchdog seconds without a step before a rank exits"),
     keep_last: int | None = typer.Option(None, help="checkpoints to keep"),
+    peer_snapshot_every: int | None = typer.Option(None, help="steps between snapshots of each rank's state into a "
+                                                   "peer's host memory (restarts skip the disk); 0 = off"),
     stop_after: int | None = typer.Option(None, help="stop at this step with a checkpoint (time-boxed job)"),
     dtype: str | None = typer.Option(None, help="auto, fp32 or bf16 (autocast)"),
     layout: str | None = typer.Option(None, help="parallel layout under torchrun, e.g. dp_shard=2,tp=2"),
@@ -62,7 +64,7 @@ def train(
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
         checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype, layout=layout,
         async_checkpoint=async_checkpoint, auto_resume=auto_resume, fleet_gpus=fleet_gpus, max_bad_steps=max_bad_steps,
-        hang_timeout_s=hang_timeout,
+        hang_timeout_s=hang_timeout, peer_snapshot_every=peer_snapshot_every,
     )
     cfg = make_config(**distributed.with_plan(options, plan))
     if dry_run:

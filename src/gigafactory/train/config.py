@@ -46,6 +46,8 @@ class TrainConfig(BaseModel):
     max_bad_steps: int = Field(3, ge=0, description="non-finite steps in a row before a rollback; 0 = never")
     hang_timeout_s: float = Field(600.0, ge=0, description="watchdog: end a rank with no step for this long")
     keep_last: int = Field(3, gt=0)
+    peer_snapshot_every: int = Field(0, ge=0, description="steps between snapshots of each rank's state into a peer's "
+                                     "host memory, restored after a restart instead of the disk checkpoint; 0 = off")
     seed: int = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     resume: bool = False

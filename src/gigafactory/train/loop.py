@@ -32,6 +32,7 @@ from gigafactory.train import distributed
 from gigafactory.train.config import TrainConfig
 from gigafactory.train.device import peak_flops, pick_dtype
 from gigafactory.train.launch import die_with_parent
+from gigafactory.train.peer import PeerSnapshots, fill, fingerprint
 from gigafactory.train.resilience import (
     Checkpointer,
     CollectiveClock,
@@ -131,6 +132,26 @@ class MetricsLog:
         self._f.close()
 
 
+def last_record(path: Path) -> dict[str, Any] | None:
+    """The newest complete, timed record of a metrics file: the last step finished before a fault."""
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        with contextlib.suppress(json.JSONDecodeError, TypeError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and "time" in rec and "step" in rec:
+                return rec
+    return None
+
+
+def recovered(last: dict[str, Any], now: dict[str, Any], recovery: dict[str, Any], resumed: int) -> dict[str, Any]:
+    """The `recovered` event of the first step after a restart: downtime from the last step finished before the
+    fault to this one (detection, restart, restore and the step itself), where the state came from, and the steps
+    that had to be done again."""
+    return {"downtime_s": round(now["time"] - last["time"], 3), **recovery, "last_step_before": last["step"],
+            "resumed_step": resumed, "lost_steps": max(0, int(last["step"]) - resumed)}
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics line; a line cut short by a crash counts as past any step (dropped)."""
     try:
@@ -198,6 +219,8 @@ class Trainer:
         self.faults = FaultInjector()
         self.guard = StepGuard(cfg.max_bad_steps)
         self.rollbacks, self._rolled_back_to = 0, -1
+        self.peer = self._peer_snapshots()
+        self.recovery: dict[str, Any] | None = None  # after a restart: where the state came from, how long it took
         if cfg.resume or cfg.auto_resume or restarted():  # after an elastic restart every rank resumes by itself
             self._resume()
         self.peak, self.peak_source = peak_flops(self.device, self.dtype)
@@ -220,10 +243,52 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
+    def _peer_snapshots(self) -> PeerSnapshots | None:
+        if not self.cfg.peer_snapshot_every:
+            return None
+        shape = fingerprint(self.spec.model_dump_json(), self.cfg.layout, self.dist.world, self.cfg.batch_size,
+                            self.cfg.grad_accum, self.seq_len, self.cfg.seed)
+        peer = PeerSnapshots(self.run_dir, self.cfg.peer_snapshot_every, shape)
+        if not restarted():  # a copy left by an earlier job is never this job's state
+            peer.path.unlink(missing_ok=True)
+        return peer
+
+    def _resume_from_peer(self, state: dict[str, Any]) -> bool:
+        """After a restart: every rank takes its state from the copy its peer holds in host memory, if all can
+        (`PeerSnapshots.restore`); False (with a note saying why) sends every rank to the disk checkpoint."""
+        assert self.peer is not None
+        found = ckpt.list_checkpoints(self.run_dir)
+        snap, why = self.peer.restore(int(found[0].name.removeprefix("step_")) if found else 0)
+        problem = why or None
+        if snap is not None:
+            try:
+                state = fill(state, snap["state"])
+            except ValueError as err:
+                problem = f"rank {self.dist.rank}: {err}"
+        problems = [p for p in ckpt.all_gather_objects(problem, self.peer.group) if p]
+        if problems:
+            self.notes.append(f"peer snapshots not used: {problems[0]}; loading the disk checkpoint")
+            return False
+        assert snap is not None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = snap["meta"]
+        self.step = self.resumed_from = int(meta["step"])
+        self.sampler.position = int(meta["data_position"])
+        ckpt.restore_rng(meta["rng"])
+        self.notes.append(f"resumed from peer memory (step {self.step}); the disk checkpoint was not read")
+        return True
+
     def _resume(self, keep_data_position: bool = False) -> bool:
-        """Load the newest good checkpoint; with `keep_data_position` (a rollback) the batches since are skipped."""
+        """Load the newest good checkpoint; with `keep_data_position` (a rollback) the batches since are skipped.
+        After a restart, from the peers' copies in host memory when there are usable ones."""
+        t0 = time.perf_counter()
         state = self._state()
+        if self.peer is not None and restarted() and not keep_data_position and self._resume_from_peer(state):
+            self.recovery = {"from": "peer", "restore_s": round(time.perf_counter() - t0, 4)}
+            return True
         loaded = ckpt.load_latest(self.run_dir, state)
+        if restarted() and not keep_data_position:
+            self.recovery = {"from": "disk" if loaded else "start", "restore_s": round(time.perf_counter() - t0, 4)}
         if loaded is None:
             # get_state_dict built the optimizer's state with a zero-learning-rate step (Adam's step count 1):
             # with nothing to load over it, that phantom step would shift the bias correction of every later one.
@@ -330,6 +395,7 @@ class Trainer:
         if self.dist.is_main:
             for note in self.notes:
                 console.print(f"[yellow]{note}[/]", highlight=False)
+        last = last_record(self.run_dir / "metrics.jsonl") if self.recovery and self.dist.is_main else None
         metrics = distributed.metrics_log(self.dist) or MetricsLog(self.run_dir / "metrics.jsonl", self.resumed_from)
         result = TrainResult(self.run_dir, cfg.steps, resumed_from=self.resumed_from)
         tokens_per_step = cfg.batch_size * self.seq_len
@@ -362,7 +428,11 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
-                record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
+                record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt,
+                                          "time": round(time.time(), 3)}
+                if last is not None:  # the first step after a restart: the fault cost this much
+                    record["recovered"] = recovered(last, record, self.recovery or {}, self.resumed_from or 0)
+                    last = None
                 record.update(throughput(tps, self.flops_per_token, self.peak, self.dist.world))
                 if clock is not None:  # compute apart from collective waits: the slow rank is the one waited for
                     record.update(straggler_report(dt, clock))
@@ -373,6 +443,11 @@ class Trainer:
                 elif spikes.is_spike(stats["loss"]):
                     record["loss_spike"] = True
                     console.print(f"step {self.step}: loss spike ({stats['loss']:.3f})", highlight=False)
+                if self.peer is not None and self.step % self.peer.every == 0:
+                    t_snap = time.perf_counter()
+                    self.peer.snapshot(self.step, self._state(), {"data_position": self.sampler.position,
+                                                                  "rng": ckpt.encode_rng()})
+                    record["peer_snapshot_s"] = round(time.perf_counter() - t_snap, 4)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     record.update(self.evaluate())
                     result.final_val_bpb = record["val_bits_per_byte"]
@@ -396,6 +471,8 @@ class Trainer:
                 if plain is not None:
                     plain.update(self.step, info)
         checkpointer.wait()
+        if self.peer is not None:
+            self.peer.discard()
         if watchdog is not None:
             watchdog.stop()
         metrics.close()
