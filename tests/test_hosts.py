@@ -124,6 +124,9 @@ def test_lose_a_host_continue_on_the_survivor_then_grow_back(tmp_path):
     worlds = [json.loads((p / ckpt.MANIFEST).read_text())["world_size"] for p in ckpt.list_checkpoints(run)]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # Each restart (the shrink after the loss, the growth when b returns) logs its downtime on its first step.
+    events = [r["recovered"] for r in rows if "recovered" in r]
+    assert len(events) >= 2 and all(e["downtime_s"] > 0 and e["from"] == "disk" for e in events), events
     for r, want in zip(rows, reference, strict=True):  # one history, continuing the one-process curve
         assert math.isclose(r["loss"], want, abs_tol=1e-4), (r["step"], r["loss"], want)
     assert "the job failed" in text and "resumed from step_" in text

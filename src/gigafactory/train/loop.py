@@ -287,7 +287,7 @@ class Trainer:
             self.recovery = {"from": "peer", "restore_s": round(time.perf_counter() - t0, 4)}
             return True
         loaded = ckpt.load_latest(self.run_dir, state)
-        if restarted() and not keep_data_position:
+        if (restarted() or self.cfg.auto_resume) and not keep_data_position:  # a restart or a requeue after a fault
             self.recovery = {"from": "disk" if loaded else "start", "restore_s": round(time.perf_counter() - t0, 4)}
         if loaded is None:
             # get_state_dict built the optimizer's state with a zero-learning-rate step (Adam's step count 1):
