@@ -148,3 +148,11 @@ def test_two_ranks_kill_one_and_it_resumes_from_its_peer(tmp_path, reference):
     event = b[6]["recovered"]
     assert event["from"] == "peer" and event["downtime_s"] > 0 and event["resumed_step"] == 6
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "hurt")][0] == "step_000008"
+
+
+def test_a_snapshot_store_that_cannot_be_written_is_a_note_not_a_crash(tmp_path, monkeypatch, reference):
+    (tmp_path / "not-a-dir").write_text("")  # as a full or missing /dev/shm: every write fails, even as root
+    monkeypatch.setenv("GIGAFACTORY_PEER_STORE", str(tmp_path / "not-a-dir" / "shm"))
+    tr = Trainer(make_config(run_dir=prepared(reference, tmp_path / "run"), **FAST), quiet=True)
+    assert tr.fit().losses == reference[1]
+    assert any("peer snapshot not kept" in n for n in tr.notes)

@@ -250,7 +250,7 @@ class Trainer:
                             self.cfg.grad_accum, self.seq_len, self.cfg.seed)
         peer = PeerSnapshots(self.run_dir, self.cfg.peer_snapshot_every, shape)
         if not restarted():  # a copy left by an earlier job is never this job's state
-            peer.path.unlink(missing_ok=True)
+            peer.forget()
         return peer
 
     def _resume_from_peer(self, state: dict[str, Any]) -> bool:
@@ -428,11 +428,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 tps = tokens_per_step / dt
-                record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt,
-                                          "time": round(time.time(), 3)}
-                if last is not None:  # the first step after a restart: the fault cost this much
-                    record["recovered"] = recovered(last, record, self.recovery or {}, self.resumed_from or 0)
-                    last = None
+                record: dict[str, Any] = {"step": self.step, **stats, "tokens_per_s": tps, "step_time_s": dt}
                 record.update(throughput(tps, self.flops_per_token, self.peak, self.dist.world))
                 if clock is not None:  # compute apart from collective waits: the slow rank is the one waited for
                     record.update(straggler_report(dt, clock))
@@ -445,12 +441,19 @@ class Trainer:
                     console.print(f"step {self.step}: loss spike ({stats['loss']:.3f})", highlight=False)
                 if self.peer is not None and self.step % self.peer.every == 0:
                     t_snap = time.perf_counter()
-                    self.peer.snapshot(self.step, self._state(), {"data_position": self.sampler.position,
-                                                                  "rng": ckpt.encode_rng()})
+                    problem = self.peer.snapshot(self.step, self._state(), {"data_position": self.sampler.position,
+                                                                            "rng": ckpt.encode_rng()})
+                    if problem and problem not in self.notes:  # once, not every K steps
+                        self.notes.append(problem)
+                        console.print(f"[yellow]rank {self.dist.rank}: {problem}[/]", highlight=False)
                     record["peer_snapshot_s"] = round(time.perf_counter() - t_snap, 4)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     record.update(self.evaluate())
                     result.final_val_bpb = record["val_bits_per_byte"]
+                record["time"] = round(time.time(), 3)  # the step and its snapshot are done
+                if last is not None:  # the first step after a restart: the fault cost this much
+                    record["recovered"] = recovered(last, record, self.recovery or {}, self.resumed_from or 0)
+                    last = None
                 metrics.write(record)
                 result.losses.append(stats["loss"])
                 if self.guard.wants_rollback:

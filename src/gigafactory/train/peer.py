@@ -19,6 +19,7 @@ world). Every rank, failed or not, restores from its peer: a torchrun restart en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -85,21 +86,35 @@ def fill(fresh: Any, saved: Any, where: str = "") -> Any:
 
 
 def encode(state: Any, meta: dict[str, Any]) -> bytes:
+    """MAGIC, the SHA-256 of the rest, one line of JSON metadata, then the tensors (torch.save)."""
     buf = io.BytesIO()
-    torch.save({"meta": meta, "state": local_tensors(state)}, buf)
-    payload = buf.getvalue()
-    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    buf.write(json.dumps(meta).encode() + b"\n")
+    torch.save(local_tensors(state), buf)
+    body = buf.getvalue()
+    return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
-def decode(blob: bytes) -> dict[str, Any]:
-    """{"meta", "state"} of an encoded snapshot; ValueError if it is not one or its checksum does not match."""
+def _split(blob: bytes, verify: bool) -> tuple[dict[str, Any], memoryview]:
     head = len(MAGIC) + 65
     if not blob.startswith(MAGIC) or len(blob) < head:
         raise ValueError("not a peer snapshot")
-    digest, payload = blob[len(MAGIC) : head - 1].decode(), blob[head:]
-    if hashlib.sha256(payload).hexdigest() != digest:
+    body = memoryview(blob)[head:]
+    if verify and hashlib.sha256(body).hexdigest() != blob[len(MAGIC) : head - 1].decode():
         raise ValueError("checksum mismatch")
-    return torch.load(io.BytesIO(payload), weights_only=True)
+    end = blob.index(b"\n", head)
+    return json.loads(blob[head:end]), body[end + 1 - head :]
+
+
+def read_meta(blob: bytes) -> dict[str, Any]:
+    """The metadata of an encoded snapshot whose checksum matches; ValueError otherwise."""
+    return _split(blob, verify=True)[0]
+
+
+def decode(blob: bytes, verify: bool = True) -> dict[str, Any]:
+    """{"meta", "state"} of an encoded snapshot; ValueError if it is not one or (with `verify`) its checksum does
+    not match."""
+    meta, tensors = _split(blob, verify)
+    return {"meta": meta, "state": torch.load(io.BytesIO(tensors), weights_only=True)}
 
 
 @dataclass
@@ -130,20 +145,28 @@ class PeerSnapshots:
         self.last_bytes = 0
 
     # ---- taking snapshots -----------------------------------------------------------------------------------
-    def snapshot(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Send this rank's state of `step` to its peer and keep the copy received from its owner."""
+    def snapshot(self, step: int, state: Any, meta: dict[str, Any]) -> str | None:
+        """Send this rank's state of `step` to its peer and keep the copy received from its owner. A copy that does
+        not fit (a small /dev/shm) is dropped with the reason returned, never a crash: the disk checkpoint remains."""
         blob = encode(state, {**meta, "step": step, "owner": self.rank, "world": self.world,
                               "fingerprint": self.fingerprint})
         held = self._exchange(blob, send_to=self.peer, recv_from=self.owner)
-        self._keep(held)
         self.last_bytes = len(blob)
+        return self._keep(held)
 
-    def _keep(self, blob: bytes) -> None:
+    def _keep(self, blob: bytes) -> str | None:
         """Write atomically (tmpfs: no fsync needed for RAM, a rename keeps readers from a half-written copy)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(blob)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.forget()  # an older copy would only be restored if every rank still had one
+            return f"peer snapshot not kept in {self.dir} ({err.strerror or err}); restarts will load from disk"
+        return None
 
     def _exchange(self, blob: bytes, send_to: int, recv_from: int) -> bytes:
         """Send `blob` to one rank and receive another's (sizes first): point-to-point on the gloo group."""
@@ -164,10 +187,10 @@ class PeerSnapshots:
     def read_held(self) -> Held:
         try:
             blob = self.path.read_bytes()
-        except FileNotFoundError:
+        except OSError:
             return Held(self.owner, None, None, f"rank {self.rank} holds no snapshot of rank {self.owner}")
         try:
-            meta = decode(blob)["meta"]
+            meta = read_meta(blob)
         except Exception as err:  # a damaged pickle raises assorted errors; all mean "do not use it"
             return Held(self.owner, None, None, f"the snapshot of rank {self.owner} held by rank {self.rank} is "
                         f"corrupt ({str(err).splitlines()[0][:120]})")
@@ -189,12 +212,17 @@ class PeerSnapshots:
             return None, why
         assert held.blob is not None
         mine = self._exchange(held.blob, send_to=self.owner, recv_from=self.peer)
-        return decode(mine), ""
+        return decode(mine, verify=False), ""  # verified by its holder just now; TCP carried it
+
+    def forget(self) -> None:
+        """Drop the copy this rank holds (a store that cannot be reached holds none)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """The run ended: free the host memory the copies take (collective; each host's first rank removes its
         store after all ranks are done with theirs)."""
-        self.path.unlink(missing_ok=True)
+        self.forget()
         if self.distributed:
             dist.barrier(group=self.group)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
