@@ -43,7 +43,8 @@ def job(run: Path, model: str, peer_every: int) -> dict:
     at = next(i for i, r in enumerate(rows) if "recovered" in r)
     event = rows[at]["recovered"]
     fault_step = event["last_step_before"] + 1
-    event["back_s"] = next(r["time"] for r in rows if r["step"] == fault_step) - (rows[at]["time"] - event["downtime_s"])
+    last_before = rows[at]["time"] - event["downtime_s"]
+    event["back_s"] = next(r["time"] for r in rows if r["step"] == fault_step) - last_before
     snaps = [r["peer_snapshot_s"] for r in rows if "peer_snapshot_s" in r]
     ckpt = next(iter(sorted((run / "ckpt").glob("step_*"))))
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
