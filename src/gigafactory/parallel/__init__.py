@@ -144,11 +144,16 @@ def apply_layout(model: GrokModel, meshes: Meshes, device: torch.device, n_micro
     # pp > 1: cut into this rank's stages, then the other styles on each stage
     stages = split_model(model, lay, meshes.pp.get_local_rank(), seq_len)
     experts = []
+    units = []
     for stage in stages:
         if cp_group is not None:
             stage.use_cp(cp_group)
-        experts += _apply_styles(stage, meshes, device, param_dtype)[1]  # type: ignore[arg-type]
-    pipe = Pipeline(model, stages, lay, meshes, device, n_micro, micro_batch, seq_len)
+        styled = _apply_styles(stage, meshes, device, param_dtype)  # type: ignore[arg-type]
+        units += styled[0]
+        experts += styled[1]
+    # Stages exchange hidden states in the dtype they compute in: FSDP's param_dtype when FSDP applies.
+    hidden = param_dtype if units and param_dtype is not None else torch.get_default_dtype()
+    pipe = Pipeline(model, stages, lay, meshes, device, n_micro, micro_batch, seq_len, hidden)
     return Parallelized(model, meshes, pipeline=pipe, tp_replicated=experts)
 
 

@@ -121,11 +121,13 @@ class Pipeline:
     """The stages, their schedule, and the tied-embedding group of one pp rank."""
 
     def __init__(self, model: GrokModel, stages: list[StageModule], layout: Layout, meshes: Any,
-                 device: torch.device, n_micro: int, micro_batch: int, seq_len: int) -> None:
+                 device: torch.device, n_micro: int, micro_batch: int, seq_len: int,
+                 hidden_dtype: torch.dtype = torch.float32) -> None:
         group = meshes.pp.get_group()
         self.pp, self.pp_rank = group.size(), group.rank()
         self.n_stages = layout.pp * layout.pp_virtual
         self.group, self.n_micro, self.model, self.modules = group, n_micro, model, stages
+        self.hidden_dtype = hidden_dtype
         self.tp_mesh: DeviceMesh | None = meshes.tp if layout.tp > 1 else None
         self.cp_mesh: DeviceMesh | None = meshes.cp if layout.cp > 1 else None
         self.tp, self.split = layout.tp, layout.tp * layout.cp
@@ -133,12 +135,14 @@ class Pipeline:
         self.last = any(st.last for st in stages)
         spec = model.spec
         local_t = seq_len // self.split
-        # Hidden states are marked as needing gradients, or the stages exchange none in backward.
-        hidden = torch.empty(micro_batch, local_t, spec.d_model, device=device, requires_grad=True)
+        # Hidden states are marked as needing gradients, or the stages exchange none in backward. The examples
+        # only carry shapes and dtypes, so they live on `meta` (a real logits example would be T × vocab floats).
+        hidden = torch.empty(micro_batch, local_t, spec.d_model, dtype=hidden_dtype, device="meta",
+                             requires_grad=True)
         self.stages = []
         for st, index in zip(stages, rank_stages(layout.pp, layout.pp_virtual, self.pp_rank), strict=True):
-            inp = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device) if st.first else hidden
-            out = torch.empty(micro_batch, local_t, spec.vocab_size, device=device) if st.last else hidden
+            inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta") if st.first else hidden
+            out = torch.empty(micro_batch, local_t, spec.vocab_size, device="meta") if st.last else hidden
             # Shapes given up front: no shape-inference round trip on the first step.
             self.stages.append(PipelineStage(st, index, self.n_stages, device, input_args=(inp,),
                                              output_args=(out,), group=group))
@@ -158,7 +162,9 @@ class Pipeline:
         """Forward and backward of all micro-batches (x, y hold them stacked); on the rank holding the last
         stage, this rank's share of the mean loss (its tp slice of the tokens)."""
         losses: list[Tensor] = []
-        kwargs: dict[str, Any] = {"target": y, "losses": losses} if self.last else {}
+        # return_outputs=False: the schedule would otherwise keep every micro-batch's logits (T × vocab floats
+        # each) alive until the next step, through the optimizer step; only the losses are used.
+        kwargs: dict[str, Any] = {"target": y, "losses": losses, "return_outputs": False} if self.last else {}
         if self.first:
             self.schedule.step(x, **kwargs)
         else:
@@ -191,7 +197,8 @@ class Pipeline:
             st = self.modules[index // self.pp]
             h = x
             if index > 0:
-                h = torch.empty(x.shape[0], local_t, self.model.spec.d_model, device=x.device)
+                h = torch.empty(x.shape[0], local_t, self.model.spec.d_model, dtype=self.hidden_dtype,
+                                device=x.device)
                 dist.recv(h, group=self.group, group_src=(index - 1) % self.pp)
             out = st(h)
             if index < self.n_stages - 1:

@@ -170,6 +170,7 @@ class StepCost:
     collective_bytes: dict[str, float]
     notes: list[str] = field(default_factory=list)
     activations_peak: float = 0.0  # the most activation bytes held at any moment (`peak_transients`)
+    pp_stage: str = "first"  # the pipeline end `memory` describes (the busier one; "first" when pp = 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -630,6 +631,7 @@ def collective_bytes(
     sequence_parallel: bool = True,
     vocab_parallel: bool = True,
     router_grads_over_tp: bool = False,
+    pp_rank: int | None = None,
 ) -> dict[str, float]:
     """Payload bytes per rank per optimizer step of each collective (see docs/plan.md for the convention).
 
@@ -644,6 +646,8 @@ def collective_bytes(
     rank holds whole (norms; the embedding/head unless ``vocab_parallel``) see only this rank's sequence slice, so
     their gradients are all-reduced over tp in every backward (Megatron-LM does this for its norms under sequence
     parallelism); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums over tp.
+    Point-to-point bytes (and a tied embedding's gradient sum) are those of pipeline rank ``pp_rank``, or their
+    average over the pipeline ranks when it is None.
     """
     lay = layout
     dp = lay.dp
@@ -725,11 +729,13 @@ def collective_bytes(
             out["all_reduce"] += n_micro * layers * fwd * 2 * lay.micro_batch * spec.n_experts * 4
     if lay.pp > 1:
         boundary = act / (lay.tp if sequence_parallel else 1)
-        # activations forward, gradients backward, across the pp·v − 1 stage boundaries, averaged over the pp
-        # ranks (the first stage sends no gradient back, the last no activation forward)
-        out["send_recv"] += n_micro * (2 * lay.pp * lay.pp_virtual - 2) / lay.pp * boundary
+        # Each of a rank's pp_virtual stages sends its activations forward and its input gradients back, except
+        # the very first stage (no gradient back) and the very last (no activation forward): `ends` is how many
+        # of those two this rank holds (on average over the pp ranks, 2/pp).
+        ends = 2 / lay.pp if pp_rank is None else float(pp_rank == 0) + float(pp_rank == lay.pp - 1)
+        out["send_recv"] += n_micro * (2 * lay.pp_virtual - ends) * boundary
         if spec.tie_embeddings:  # the first and last stage sum their embedding copies' gradient shards
-            out["all_reduce"] += 2 / lay.pp * parts.embed / emb_tp / max(1, shard) * grad_bytes
+            out["all_reduce"] += ends * parts.embed / emb_tp / max(1, shard) * grad_bytes
     return {k: v for k, v in out.items() if v}
 
 
@@ -946,7 +952,7 @@ def estimate(
     mem = {k: dense_local * v for k, v in state_split(fsdp_shard, opt_shard).items()}
     for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
-    transient, act_peak = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8)
+    transient, act_peak, pp_stage = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8)
     mem.update(transient)
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     if lay.pp > 1 and n_micro < lay.pp:
@@ -960,7 +966,7 @@ def estimate(
         step_time_s=step, compute_s=compute_s, bubble_s=bubble_s, exposed_comm_s=exposed, comm_s=comm,
         optimizer_s=optimizer_s, memory=mem, memory_capacity=capacity, model_flops_per_gpu=model_flops,
         hw_flops_per_gpu=hw_flops, peak_flops=gpu.bf16_dense_flops, collective_bytes=cb, notes=notes,
-        activations_peak=act_peak,
+        activations_peak=act_peak, pp_stage=pp_stage,
     )
 
 
@@ -972,9 +978,10 @@ def logit_bytes(spec: ModelSpec, stack: Stack) -> tuple[float, float]:
 
 
 def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_micro: int, fsdp: bool,
-                    fp8: bool = False) -> tuple[dict[str, float], float]:
+                    fp8: bool = False) -> tuple[dict[str, float], float, str]:
     """What one GPU holds besides its parameter/gradient/optimizer state at the step's busiest moment, as
-    (``gathered_weights``, ``activations``, ``logits``), and the most activation bytes held at any moment.
+    (``gathered_weights``, ``activations``, ``logits``), the most activation bytes held at any moment, and which
+    pipeline end that busiest moment is on (``first`` or ``last``; ``first`` without a pipeline).
 
     The busiest moment is one of two, never both (the dry run measured each): the loss's backward (the saved
     activations of every layer, the logits' fp32 buffers) or a layer's backward (the saved activations, that
@@ -1013,10 +1020,12 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
         # its reduce-scatter: FSDP2 reshards the unit, then casts its bf16 gradient into an fp32 buffer (2 + 4
         # bytes per parameter) while the next layer is already gathered (prefetched)
         phases.append({"gathered_weights": 2 * root + layer + 3 * unit, "activations": saved, "logits": 0.0})
-    busiest = max(phases, key=lambda ph: sum(ph.values()))
+    at = max(range(len(phases)), key=lambda k: sum(phases[k].values()))
+    busiest = phases[at]
+    end = "last" if lay.pp > 1 and at < 3 else "first"  # the last stage's three phases come first
     act_peak = max(layers * act_layer * in_flight + max(rebuilt, final_norm + logit_elems * fwd_b if i == 0 else 0.0)
                    for i, in_flight in enumerate(ends))
-    return busiest, act_peak
+    return busiest, act_peak, end
 
 
 def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard: int, exp_shard: int,

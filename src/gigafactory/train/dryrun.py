@@ -36,12 +36,12 @@ from gigafactory.specs.layout import Layout
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations_peak", "total_peak")
 
 
-def _fake_world(world: int) -> None:
+def _fake_world(world: int, rank: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
 
 
 def _balanced_ep_dispatch(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -103,10 +103,11 @@ def _memory(snapshot: dict[Any, Any]) -> dict[str, float]:
             "activations_peak": get(R.ACT), "total_peak": float(dev.get("Total", 0))}
 
 
-def _tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    """PyTorch's FSDP2 memory tracker, also keeping the most activation bytes held at any moment (it records the
-    categories only at the moments the total peaks, where the activations may be below their own peak: with
-    grok-2's whole-layer FSDP units, 0.68 of it)."""
+def _tracker(roots: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> Any:
+    """PyTorch's FSDP2 memory tracker over this rank's FSDP roots (the model, or each pipeline stage it holds),
+    also keeping the most activation bytes held at any moment (it records the categories only at the moments the
+    total peaks, where the activations may be below their own peak: with grok-2's whole-layer FSDP units, 0.68
+    of it)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
 
@@ -118,12 +119,67 @@ def _tracker(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
             for snap in self._curr_mem_snap.values():
                 self.act_peak = max(self.act_peak, snap.get(R.ACT, 0))
 
-    return Tracker(model, optimizer)
+    tracker = Tracker(roots[0], optimizer)
+    # Several stages are several FSDP roots; the tracker only walks `_root_mod.modules()` to instrument them.
+    tracker._root_mod = torch.nn.ModuleList(roots)
+    return tracker
+
+
+def _roots(par: Any) -> list[torch.nn.Module]:
+    return [st.submod for st in par.pipeline.stages] if par.pipeline is not None else [par.model]
+
+
+@contextlib.contextmanager
+def _repeated_roots(tracker: Any, roots: list[torch.nn.Module]) -> Iterator[None]:
+    """Let a pipeline stage (an FSDP root) run its forward once per micro-batch under the memory tracker, which
+    takes a root's second forward for a second step and refuses it: before each forward the root's per-module
+    statistics so far are dropped (the step's peaks are kept by the tracker itself)."""
+
+    def drop(mod: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recompute in backward
+            tracker.memory_tracking.pop(mod, None)
+
+    # prepended after the tracker installed its own pre-forward hooks, so this runs first
+    handles = [r.register_forward_pre_hook(drop, prepend=True, with_kwargs=True) for r in roots]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _global_rank(world: int, pp: int, last_stage: bool) -> int:
+    """The rank at coordinate 0 of every mesh dimension but pp, on the first (or last) pipeline stage: pp is the
+    mesh's outermost dimension. Coordinate 0 holds the fullest FSDP shard when a dimension does not split
+    evenly (the last ranks may hold only padding)."""
+    return (pp - 1) * (world // pp) if last_stage else 0
+
+
+def _static_vote(schedule: Any, stages: list[Any], has_backward: bool, p2p_done: bool) -> None:
+    """The schedule's first-step vote (every pipeline rank sends whether its stages' shapes are all known) with
+    the outcome every rank would vote: `parallel.pipeline` gives every stage its shapes up front. Over the fake
+    process group the vote would read a received value that never arrives."""
+    from torch.distributed.pipelining._utils import InferenceMode
+
+    for stage in stages:
+        assert not InferenceMode.needs_dynamic(stage._user_meta, has_backward)  # noqa: S101
+        stage._inference_mode = InferenceMode.STATIC
+
+
+def _pipeline_step(par: Any, spec: ModelSpec, micro: int, grad_accum: int, seq_len: int) -> None:
+    """This pipeline rank's part of the schedule, run by `torch.distributed.pipelining` itself: its forwards and
+    backwards in the schedule's order, the stages' sends and receives going to the fake process group."""
+    schedule = par.pipeline.schedule
+    schedule._warmup_p2p = types.MethodType(_static_vote, schedule)  # type: ignore[method-assign]
+    x = torch.randint(1, spec.vocab_size, (grad_accum * micro, seq_len))
+    par.pipeline.step(x, x)
+    par.pipeline.sync_tied_grads()
 
 
 def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
-            seq_len: int) -> dict[str, Any]:
-    """One step of rank 0 at `layout` on a fake world of `world` ranks: memory by term and collective bytes."""
+            seq_len: int, last_stage: bool = False) -> dict[str, Any]:
+    """One step of one rank at `layout` on a fake world of `world` ranks: memory by term and collective bytes.
+    The rank is global rank 0, or with `last_stage` one on the last pipeline stage."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from gigafactory.model.init import materialize
@@ -132,13 +188,14 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
     from gigafactory.train.loop import build_optimizer, lm_loss
 
     check_layout(layout, spec, world)
-    if layout.pp > 1 or layout.dp_shard * layout.dp_replicate == 1:
-        raise UserError("--dry-run measures FSDP layouts without pipeline stages (pp=1, dp_shard × dp_replicate "
-                        "> 1) for now; pick such a layout")
+    if layout.dp_shard * layout.dp_replicate == 1:
+        raise UserError("--dry-run measures FSDP layouts (dp_shard × dp_replicate > 1); pick such a layout")
+    if layout.pp > 1 and grad_accum < layout.pp:
+        raise UserError(f"pp={layout.pp} needs grad_accum >= {layout.pp} micro-batches to fill the pipeline")
     micro = batch_size // grad_accum // layout.dp
     if micro < 1:
         raise UserError(f"batch_size={batch_size} is too small for dp={layout.dp} with grad_accum={grad_accum}")
-    _fake_world(world)
+    _fake_world(world, _global_rank(world, layout.pp, last_stage))
     device = torch.device("cpu")
     try:
         meshes = build_meshes(layout, device.type)
@@ -152,10 +209,13 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
             if layout.ep > 1:
                 _use_balanced_dispatch(par.model, meshes.ep.get_group())
             optimizer = build_optimizer(par.model, TrainConfig())
-            tracker = _tracker(par.model, optimizer)
+            tracker = _tracker(_roots(par), optimizer)
             counter = CommCounter()
             with _own_propagation_mode(), tracker, counter:
-                for i in range(grad_accum):
+                if par.pipeline is not None:
+                    with _repeated_roots(tracker, _roots(par)):
+                        _pipeline_step(par, spec, micro, grad_accum, seq_len)
+                for i in range(grad_accum if par.pipeline is None else 0):  # the pipeline ran them above
                     tracker.reset_mod_stats()  # per-module stats per micro-batch; the step's peak is kept
                     par.set_gradient_sync(i == grad_accum - 1)
                     x = torch.randint(1, spec.vocab_size, (micro, seq_len))
@@ -180,7 +240,8 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
 
 def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int, seq_len: int,
               gpu: str = "h100-sxm") -> dict[str, Any]:
-    """The planner's figures for the same run, with the same keys."""
+    """The planner's figures for the same run, with the same keys, on the pipeline stage its memory describes
+    (``pp_stage``: the busier end, first or last)."""
     from gigafactory.parallel.compare import predicted_bytes
     from gigafactory.plan.costmodel import Cluster, estimate
     from gigafactory.specs.hardware import get_gpu
@@ -191,20 +252,22 @@ def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad
     m = cost.memory
     memory = {"params": m["weights"], "grads": m["gradients"], "optimizer": m["optimizer"],
               "activations_peak": cost.activations_peak, "total_peak": sum(m.values())}
-    coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2)
-    return {"memory": memory, "collectives": {k: v for k, v in coll.items() if v}}
+    pp_rank = (layout.pp - 1 if cost.pp_stage == "last" else 0) if layout.pp > 1 else None
+    coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2, pp_rank=pp_rank)
+    return {"memory": memory, "collectives": {k: v for k, v in coll.items() if v}, "pp_stage": cost.pp_stage}
 
 
 def dry_run(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
             seq_len: int) -> dict[str, Any]:
-    meas = measure(spec, layout, world, batch_size, grad_accum, seq_len)
     pred = predicted(spec, layout, world, batch_size, grad_accum, seq_len)
+    meas = measure(spec, layout, world, batch_size, grad_accum, seq_len, last_stage=pred["pp_stage"] == "last")
     keys = sorted(set(meas["collectives"]) | set(pred["collectives"]))
     return {
         "world_size": world,
         "layout": layout.model_dump(),
         "model": spec.name,
         "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+        "pp_stage": pred["pp_stage"] if layout.pp > 1 else None,
         "memory": {"measured": meas["memory"], "predicted": pred["memory"]},
         "collectives": {"measured": {k: meas["collectives"].get(k, 0.0) for k in keys},
                         "predicted": {k: pred["collectives"].get(k, 0.0) for k in keys}},
@@ -240,8 +303,10 @@ def run_from_config(cfg: Any, plan: Path | None, world_size: int | None, json_ou
 
 
 def format_report(report: dict[str, Any]) -> str:
+    stage = f", {report['pp_stage']} pipeline stage" if report.get("pp_stage") else ""
     lines = [f"{report['model']} at {Layout(**report['layout']).short()} on {report['world_size']:,} ranks "
-             "(rank 0; fake tensors, fake process group)", f"{'term':<18}{'measured':>16}{'predicted':>16}{'diff':>9}"]
+             f"(one rank{stage}; fake tensors, fake process group)",
+             f"{'term':<18}{'measured':>16}{'predicted':>16}{'diff':>9}"]
     for section in ("memory", "collectives"):
         meas, pred = report[section]["measured"], report[section]["predicted"]
         for key in pred:
