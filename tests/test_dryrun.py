@@ -61,13 +61,10 @@ GROK = [
     ("grok-1", "dp_replicate=8,dp_shard=1024,ep=4,recompute=full", 8192, 8192, 1),
     ("grok-1", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1),
     ("grok-2", "dp_replicate=4,dp_shard=1024,ep=2,micro_batch=2,recompute=full", 4096, 8192, 1),
-    pytest.param("grok-2", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1,
-                 marks=pytest.mark.xfail(strict=True, reason="this trainer keeps grok-2's untied embedding and "
-                                         "head whole on every tp rank; the planner splits the vocabulary (state "
-                                         "+13% with 2 layers, ~0.4% with all 64; FSDP's gather +9%)")),
-    pytest.param("grok-2", "dp_replicate=10,dp_shard=1000,tp=2,ep=4,recompute=full", 20000, 10000, 1,
-                 marks=pytest.mark.xfail(strict=True, reason="the vocabulary under tp, as above (state +15% with 2 "
-                                         "layers; with all 64 the Done-when run agrees, docs/train.md)")),
+    # grok-2's untied embedding and head split by vocabulary over tp (`parallel.tensor`); kept whole on every tp
+    # rank they put the state 13-15% and FSDP's gather 9% above the planner with 2 layers
+    ("grok-2", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1),
+    ("grok-2", "dp_replicate=10,dp_shard=1000,tp=2,ep=4,recompute=full", 20000, 10000, 1),
     # the seed plans' expert sharding (FSDP over 250 ranks, which d_model=8192 does not split into) without their
     # tp: with expert parallelism (experts their own FSDP unit) and without (today's plan, whole-layer units)
     ("grok-2", "dp_replicate=20,dp_shard=1000,ep=4,recompute=full", 20000, 20000, 1),

@@ -65,3 +65,14 @@ def test_trainer_refusals_are_one_line(text: str, world: int, msg: str) -> None:
     with pytest.raises(UserError, match=msg) as err:
         check_supported(lay, GROK2, world)
     assert "\n" not in str(err.value) and unsupported_reason(lay, GROK2) == str(err.value)
+
+
+def test_tp_must_divide_the_vocabulary() -> None:
+    """The trainer splits the vocabulary over tp without padding: a vocabulary tp does not divide is refused."""
+    from gigafactory.specs.layout import check_supported
+
+    tiny = PRESETS["tiny"]
+    with pytest.raises(UserError, match="tp=2 must divide vocab_size=1031") as err:
+        check_supported(Layout.parse("tp=2"), tiny.model_copy(update={"vocab_size": 1031}), 2)
+    assert "\n" not in str(err.value)
+    check_supported(Layout.parse("tp=2"), tiny.model_copy(update={"vocab_size": 1030}), 2)

@@ -23,10 +23,10 @@ from gigafactory.parallel.expert import apply_ep
 from gigafactory.parallel.fsdp import apply_fsdp, apply_recompute
 from gigafactory.parallel.mesh import Meshes, build_meshes, check_layout
 from gigafactory.parallel.pipeline import Pipeline, split_model
-from gigafactory.parallel.tensor import apply_tp, local_targets
+from gigafactory.parallel.tensor import apply_tp, cross_entropy, local_targets
 
-__all__ = ["Parallelized", "apply_layout", "build_meshes", "check_layout", "local_targets", "parallelize",
-           "CommCounter"]
+__all__ = ["Parallelized", "apply_layout", "build_meshes", "check_layout", "cross_entropy", "local_targets",
+           "parallelize", "CommCounter"]
 
 
 @dataclass
@@ -41,10 +41,15 @@ class Parallelized:
     def tp_mesh(self) -> Any:
         return self.meshes.tp if self.meshes.layout.tp > 1 else None
 
+    @property
+    def vocab_group(self) -> dist.ProcessGroup | None:
+        """The group the logits' vocabulary is split over (`parallel.tensor.cross_entropy`), None if whole."""
+        return self.meshes.tp.get_group() if self.meshes.layout.tp > 1 else None
+
     def targets(self, y: torch.Tensor) -> torch.Tensor:
-        """The labels of the tokens this rank's logits cover (its cp chunks, then its tp sequence slice)."""
+        """The labels of the tokens this rank's logits cover (its cp chunks; every token under tp)."""
         lay = self.meshes.layout
-        return local_targets(y, self.tp_mesh, self.meshes.cp if lay.cp > 1 else None)
+        return local_targets(y, self.meshes.cp if lay.cp > 1 else None)
 
     def set_gradient_sync(self, sync: bool) -> None:
         """Gradient accumulation under FSDP: reduce-scatter after every micro-batch (the sharded fp32 gradients

@@ -20,9 +20,9 @@ def predicted_bytes(spec: ModelSpec, layout: Layout, batch_size: int, grad_accum
     pipeline rank whose point-to-point bytes count (default: the average over pipeline ranks)."""
     micro = batch_size // grad_accum // layout.dp
     lay = layout.model_copy(update={"micro_batch": micro})
-    # This trainer's TP keeps the embedding/head whole on every tp rank and sums router gate gradients over tp.
+    # This trainer's TP sums the router's gate gradients over tp.
     return collective_bytes(spec, lay, batch_size, seq_len, dtype_bytes=act_bytes, grad_bytes=4,
-                            vocab_parallel=False, router_grads_over_tp=True, pp_rank=pp_rank)
+                            router_grads_over_tp=True, pp_rank=pp_rank)
 
 
 def measured_bytes(metrics_path: Path) -> dict[str, float]:

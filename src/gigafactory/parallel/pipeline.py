@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -37,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from gigafactory.model.grok import GrokModel, KeyPositions, MoE, key_positions, rope_tables
 from gigafactory.parallel.context import CPKeys, apply_cp_aux, cp_indices
-from gigafactory.parallel.tensor import local_targets
+from gigafactory.parallel.tensor import cross_entropy, local_targets
 from gigafactory.specs.layout import Layout
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B,
@@ -142,12 +141,14 @@ class Pipeline:
         self.stages = []
         for st, index in zip(stages, rank_stages(layout.pp, layout.pp_virtual, self.pp_rank), strict=True):
             inp = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta") if st.first else hidden
-            out = torch.empty(micro_batch, local_t, spec.vocab_size, device="meta") if st.last else hidden
+            # the last stage's logits: this rank's cp tokens (all tp's) × its vocabulary columns
+            logits = torch.empty(micro_batch, seq_len // layout.cp, spec.vocab_size // layout.tp, device="meta")
+            out = logits if st.last else hidden
             # Shapes given up front: no shape-inference round trip on the first step.
             self.stages.append(PipelineStage(st, index, self.n_stages, device, input_args=(inp,),
                                              output_args=(out,), group=group))
         cls = _SCHEDULES[layout.pp_schedule]
-        # Each micro-batch loss is divided by n_micro (and tp) here, as the single-process trainer divides by
+        # Each micro-batch loss is divided by n_micro here, as the single-process trainer divides by
         # grad_accum, instead of letting the schedule rescale gradients, so the MoE aux_scale stays right.
         many = cls in (ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
         self.schedule = cls(self.stages if many else self.stages[0], n_microbatches=n_micro, loss_fn=self._loss,
@@ -155,12 +156,12 @@ class Pipeline:
         self.tied_group = _tied_group(meshes.world) if model.lm_head is None and self.pp > 1 else None
 
     def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        target = local_targets(target, self.tp_mesh, self.cp_mesh)
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten()) / (self.n_micro * self.tp)
+        group = self.tp_mesh.get_group() if self.tp_mesh is not None else None
+        return cross_entropy(logits, local_targets(target, self.cp_mesh), group) / self.n_micro
 
     def step(self, x: Tensor, y: Tensor) -> Tensor | None:
         """Forward and backward of all micro-batches (x, y hold them stacked); on the rank holding the last
-        stage, this rank's share of the mean loss (its tp slice of the tokens)."""
+        stage, the mean loss (the same on every tp rank)."""
         losses: list[Tensor] = []
         # return_outputs=False: the schedule would otherwise keep every micro-batch's logits (T × vocab floats
         # each) alive until the next step, through the optimizer step; only the losses are used.
@@ -169,7 +170,7 @@ class Pipeline:
             self.schedule.step(x, **kwargs)
         else:
             self.schedule.step(**kwargs)
-        return torch.stack(losses).sum().detach() * self.tp if self.last else None
+        return torch.stack(losses).sum().detach() if self.last else None
 
     def sync_tied_grads(self) -> None:
         if self.tied_group is None or not (self.first or self.last):

@@ -6,13 +6,20 @@ weights (attention: q/k/v by output rows = heads, o by input columns; experts: g
 rows; the head counts come from the weights), and reduce-scatters its partial output back to sequence shards. That
 is one all-gather and one reduce-scatter of a full activation per block forward, and the reverse in backward.
 
-Weights every rank holds whole (norms, embedding, router) are Replicate DTensors. Where they only see this rank's
+Weights every rank holds whole (norms, router) are Replicate DTensors. Where they only see this rank's
 tokens their gradient is partial and is summed over ``tp`` in backward. The router is the exception: it runs on
 the gathered sequence identically on every rank, so its weight gradient is already complete — provided the gate
 gradient, which is partial because each rank holds part of every expert, is summed first; and since every rank
 then sends the same router gradient into the gathered input, whose backward sums over ranks, that path is scaled
-by 1/tp. Embedding and output head run replicated (no vocabulary split): the embedding output is sliced to this
-rank's tokens and the logits come out for this rank's tokens only (`local_targets` slices the labels to match).
+by 1/tp.
+
+The vocabulary is split over tp (Megatron-LM's vocab-parallel embedding, head and cross entropy): the embedding
+(and an untied head) holds vocabulary rows r·V/tp … (r+1)·V/tp. The embedding looks up the whole sequence's
+tokens in its rows (others give zeros) and reduce-scatters the partial sums to sequence shards; the head
+all-gathers the final norm's output and computes the logits of every token for its vocabulary columns;
+`cross_entropy` combines the shards with all-reduces of a max, a sum of exponentials and the target logit per
+token (fp32), and its backward needs no communication. So every tp rank has the loss of all tokens, and the labels
+are not sliced over tp (`local_targets`). The multipliers and the final soft-cap act element-wise on the shards.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
@@ -39,13 +47,6 @@ def distribute_param(module: nn.Module, name: str, mesh: DeviceMesh, placement: 
     module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
 
 
-def seq_slice(x: Tensor, group: dist.ProcessGroup, dim: int = 1) -> Tensor:
-    n, r = group.size(), group.rank()
-    if x.shape[dim] % n:
-        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by tp={n}")
-    return x.narrow(dim, r * (x.shape[dim] // n), x.shape[dim] // n)
-
-
 def apply_tp(model: GrokModel, mesh: DeviceMesh, experts_whole: bool = False) -> None:
     """Split `model` over `mesh`. ``experts_whole`` (expert parallelism on as well): experts are not split by tp
     but left to `parallel.expert`, and the MoE block runs on this rank's tokens (`moe_on_local_tokens`)."""
@@ -53,16 +54,21 @@ def apply_tp(model: GrokModel, mesh: DeviceMesh, experts_whole: bool = False) ->
     tp = mesh.size()
     col, row, rep = Shard(0), Shard(1), Replicate()
 
-    # Root: embedding (and head) and the final norm are replicated, read locally for the whole forward because
-    # the tied output head reads `embed.weight` outside the embedding module.
+    # Root: embedding and head split by vocabulary rows, the final norm replicated; read locally for the whole
+    # forward because the tied output head reads `embed.weight` outside the embedding module.
     # A pipeline stage holds only some of them (`parallel.pipeline.StageModule`).
-    root_params = [(m, "weight") for m in (model.embed, model.norm, model.lm_head) if m is not None]
-    for mod, name in root_params:
-        distribute_param(mod, name, mesh, rep)
-    if root_params:
-        use_local_params(model, root_params, reduce_group=group)
+    vocab = [(m, "weight") for m in (model.embed, model.lm_head) if m is not None]
+    for mod, name in vocab:
+        distribute_param(mod, name, mesh, col)
+    if vocab:
+        use_local_params(model, vocab)
+    if model.norm is not None:
+        distribute_param(model.norm, "weight", mesh, rep)
+        use_local_params(model, [(model.norm, "weight")], reduce_group=group)
+        wrap_io(model.norm, after=lambda h: gather_seq(h, group))  # the head sees every token
     if model.embed is not None:
-        wrap_io(model.embed, after=lambda h: seq_slice(h, group))
+        model.embed.forward = types.MethodType(  # type: ignore[method-assign]
+            lambda self, tokens: vocab_embedding(self.weight, tokens, group), model.embed)
 
     for block in model.layers.values():
         assert isinstance(block, Block)
@@ -141,11 +147,61 @@ def moe_on_local_tokens(moe: MoE, x: Tensor, group: dist.ProcessGroup) -> Tensor
     return y
 
 
-def local_targets(y: Tensor, mesh: DeviceMesh | None, cp_mesh: DeviceMesh | None = None) -> Tensor:
-    """The labels of this rank's tokens: its context-parallel chunks (`parallel.context.cp_indices`), then its
-    slice under sequence parallelism (the logits only cover those)."""
+def vocab_embedding(weight: Tensor, tokens: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Look up every token in this rank's vocabulary rows `weight` (zeros for the others' tokens), then sum the
+    ranks' partial embeddings and keep this rank's sequence slice (one reduce-scatter; all-gather in backward)."""
+    rows = weight.shape[0]
+    local = tokens - group.rank() * rows
+    mine = (local >= 0) & (local < rows)
+    h = F.embedding(local.clamp(0, rows - 1), weight) * mine[..., None].to(weight.dtype)
+    # contiguous: the residual stream would otherwise keep the reduce-scatter's permuted strides to the pipeline's
+    # sends, which need contiguous tensors
+    return scatter_seq(h, group).contiguous()
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy of logits [N, V/tp] split by vocabulary over `group`, labels [N] (global ids)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        cols = logits.shape[-1]
+        top = logits.amax(-1)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        local = target - group.rank() * cols
+        mine = (local >= 0) & (local < cols)
+        local = local.clamp(0, cols - 1)
+        picked = (logits.gather(1, local[:, None])[:, 0] - top) * mine  # the target's shifted logit, or 0
+        exp = (logits - top[:, None]).exp_()  # one logit-sized buffer besides the logits (as log_softmax)
+        sums = torch.stack([exp.sum(-1), picked])
+        dist.all_reduce(sums, group=group)
+        exp /= sums[0][:, None]  # this rank's columns of the softmax: all backward needs
+        ctx.save_for_backward(exp, local, mine)
+        return sums[0].log() - sums[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        probs, local, mine = ctx.saved_tensors
+        out = probs * grad[:, None]
+        out.scatter_add_(1, local[:, None], -(grad * mine)[:, None])
+        return out, None, None
+
+
+def cross_entropy(logits: Tensor, target: Tensor, group: dist.ProcessGroup | None = None,
+                  reduction: str = "mean") -> Tensor:
+    """Cross entropy of logits [..., V] (or [..., V/tp], this rank's vocabulary columns, with `group` the tp
+    group) against global labels [...]: `F.cross_entropy` without tp, the vocab-parallel form with it."""
+    logits, target = logits.flatten(0, -2).float(), target.flatten()
+    if group is None or group.size() == 1:
+        return F.cross_entropy(logits, target, reduction=reduction)
+    loss = _VocabParallelCrossEntropy.apply(logits, target, group)
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def local_targets(y: Tensor, cp_mesh: DeviceMesh | None = None) -> Tensor:
+    """The labels of this rank's tokens: its context-parallel chunks (`parallel.context.cp_indices`). Under tp
+    every rank scores every token (for its vocabulary columns), so nothing is sliced over tp."""
     if cp_mesh is not None and cp_mesh.size() > 1:
         from gigafactory.parallel.context import cp_indices
 
         y = y[:, cp_indices(y.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), y.device)]
-    return y if mesh is None or mesh.size() == 1 else seq_slice(y, mesh.get_group())
+    return y

@@ -74,6 +74,9 @@ class Stack:
     # ... and at its backward peak, when larger (0: the same): PyTorch's log-softmax backward writes a new fp32
     # gradient beside the saved output and the incoming gradient (4 + 4 + 4 = 12).
     logits_bwd_bytes: int = 0
+    # ... with the vocabulary split over tp, when it differs (0: the same): gigafactory's vocab-parallel cross
+    # entropy (`parallel.tensor`) saves its fp32 softmax columns and writes the gradient beside them (4 + 4 = 8).
+    logits_bwd_bytes_tp: int = 0
     # the pipeline runs DeepSpeed's PipelineEngine `TrainSchedule`: blocking send/recv pairs issued at the start of
     # the step after the compute that produced them (see `blocking_pipeline_time`)
     blocking_pipeline: bool = False
@@ -119,7 +122,7 @@ DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0,
 # log-softmax (8), the backward's 12 (the dry run measures both, tests/test_dryrun.py).
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
                distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False, loss_bytes=36,
-               logits_bytes=8, logits_bwd_bytes=12)
+               logits_bytes=8, logits_bwd_bytes=12, logits_bwd_bytes_tp=8)
 TORCHTITAN = MODERN
 STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
 # other spellings a validation file may use
@@ -629,7 +632,6 @@ def collective_bytes(
     grad_bytes: int = 4,
     reshard_after_forward: bool = True,
     sequence_parallel: bool = True,
-    vocab_parallel: bool = True,
     router_grads_over_tp: bool = False,
     pp_rank: int | None = None,
 ) -> dict[str, float]:
@@ -643,9 +645,10 @@ def collective_bytes(
     ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate once per step. Figures are
     for the busiest rank
     (a middle pipeline stage holding the largest share of layers). Under tensor parallelism the weights every tp
-    rank holds whole (norms; the embedding/head unless ``vocab_parallel``) see only this rank's sequence slice, so
-    their gradients are all-reduced over tp in every backward (Megatron-LM does this for its norms under sequence
-    parallelism); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums over tp.
+    rank holds whole (norms) see only this rank's sequence slice, so their gradients are all-reduced over tp in
+    every backward (Megatron-LM does this for its norms under sequence parallelism); the vocabulary is split over
+    tp (`vocab_parallel_bytes`); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums
+    over tp.
     Point-to-point bytes (and a tied embedding's gradient sum) are those of pipeline rank ``pp_rank``, or their
     average over the pipeline ranks when it is None.
     """
@@ -657,7 +660,7 @@ def collective_bytes(
     parts = _parts(spec)
     layers = math.ceil(spec.n_layers / lay.pp)
     embed_stage = _embed_params_on_stage(parts, lay.pp)
-    emb_tp = lay.tp if vocab_parallel else 1
+    emb_tp = lay.tp
     dense_local = layers * parts.layer_dense / lay.tp + embed_stage / emb_tp
     expert_local = layers * parts.layer_expert / (expert_tp(lay) * lay.ep)
     out: dict[str, float] = {k: 0.0 for k in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")}
@@ -687,18 +690,23 @@ def collective_bytes(
     h = spec.d_model
     act = T * h * dtype_bytes  # one full-sequence activation of this rank
     if lay.tp > 1:
-        replicated = layers * spec.norm_params_per_layer + spec.d_model + (0 if vocab_parallel else embed_stage)
+        replicated = layers * spec.norm_params_per_layer + spec.d_model
         # The hooks reduce whole gradients over tp before FSDP reduce-scatters them (measured: not divided by dp),
         # in the dtype of the gathered working weights (bf16 under mixed precision: FSDP casts to fp32 only for
         # its own reduction; the dry run measured 0.58 of the planner when this counted fp32).
         out["all_reduce"] += n_micro * replicated * dtype_bytes
+        # the embedding runs on the first pipeline stage (pp rank 0), the head on the last (pp rank pp − 1)
+        first, last = (1 / lay.pp,) * 2 if pp_rank is None else (float(pp_rank == 0), float(pp_rank == lay.pp - 1))
+        for kind, nbytes in vocab_parallel_bytes(T, h, dtype_bytes, first, last, sequence_parallel).items():
+            out[kind] += n_micro * nbytes
         if router_grads_over_tp:
             out["all_reduce"] += n_micro * layers * lay.micro_batch * seq_len / lay.cp * spec.top_k * 4
         passes = 2 + (1 if lay.recompute == "full" else 0)  # fwd, bwd (+ recomputed fwd)
         # attention and the FFN block each gather their input and reduce-scatter their output, per pass; with
         # whole experts (ep > 1) the MoE gathers its input for the router only (forward passes; its backward
         # reduce-scatters that input's gradient) and keeps its output on this rank's tokens.
-        split_blocks = 1 if lay.ep > 1 else 2
+        # A dense FFN beside the MoE (grok-2) is split by tp as a block of its own.
+        split_blocks = (1 if lay.ep > 1 else 2) + (1 if spec.dense_ffn else 0)
         n = n_micro * layers * split_blocks * passes
         if sequence_parallel:
             out["all_gather"] += n * act
@@ -737,6 +745,21 @@ def collective_bytes(
         if spec.tie_embeddings:  # the first and last stage sum their embedding copies' gradient shards
             out["all_reduce"] += ends * parts.embed / emb_tp / max(1, shard) * grad_bytes
     return {k: v for k, v in out.items() if v}
+
+
+def vocab_parallel_bytes(tokens: float, d_model: int, dtype_bytes: int, first: float = 1.0, last: float = 1.0,
+                         sequence_parallel: bool = True) -> dict[str, float]:
+    """One micro-batch's tp traffic of the vocabulary split (Megatron-LM's vocab-parallel embedding, head and cross
+    entropy; `parallel.tensor`) for `tokens` tokens of this rank's sequence before the tp split. The embedding sums
+    the ranks' partial lookups (reduce-scatter to sequence shards; its backward all-gathers the gradient); the
+    head all-gathers the final norm's output (reduce-scatter in backward); the loss all-reduces a max, a sum of
+    exponentials and the target logit per token in fp32. `first` / `last`: how much of the embedding's / the
+    head's work this rank does (pipeline stages: 1 or 0, or 1/pp on average)."""
+    act = tokens * d_model * dtype_bytes
+    loss = 3 * tokens * 4 * last
+    if not sequence_parallel:
+        return {"all_reduce": (first + last) * act + loss}
+    return {"all_gather": (first + last) * act, "reduce_scatter": (first + last) * act, "all_reduce": loss}
 
 
 # ---- the step ---------------------------------------------------------------------------------------------
@@ -970,11 +993,13 @@ def estimate(
     )
 
 
-def logit_bytes(spec: ModelSpec, stack: Stack) -> tuple[float, float]:
-    """Bytes per logit element the loss holds at its forward and at its backward peak. Eager PyTorch's soft-cap
-    c·tanh(x/c) keeps tanh's fp32 output for its backward, 4 more in both (grok-2: measured by the dry run)."""
+def logit_bytes(spec: ModelSpec, stack: Stack, tp: int = 1) -> tuple[float, float]:
+    """Bytes per logit element the loss holds at its forward and at its backward peak (`tp` > 1: the
+    vocab-parallel loss). Eager PyTorch's soft-cap c·tanh(x/c) keeps tanh's fp32 output for its backward, 4 more
+    in both (grok-2: measured by the dry run)."""
     cap = 4 if spec.final_softcap and not stack.fused_elementwise else 0
-    return stack.logits_bytes + cap, max(stack.logits_bytes, stack.logits_bwd_bytes) + cap
+    bwd = stack.logits_bwd_bytes_tp if tp > 1 and stack.logits_bwd_bytes_tp else stack.logits_bwd_bytes
+    return stack.logits_bytes + cap, max(stack.logits_bytes, bwd) + cap
 
 
 def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_micro: int, fsdp: bool,
@@ -988,9 +1013,9 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     layer's rebuilt ones under full recompute, and FSDP's copies of this layer's weights, the next layer's,
     prefetched, and this layer's bf16 gradient, 6 bytes per parameter of a layer; then, its activations freed,
     the reduce-scatter of its last FSDP unit, which adds that unit's fp32 gradient buffer). The root unit (embedding,
-    head) stays gathered (bf16) from its forward to the end of the backward, plus its bf16 gradient once the
-    head's backward has run. With pipeline stages the first stage holds the most micro-batches, the last the
-    logits: both ends are checked."""
+    head) stays gathered (bf16) from its forward to the end of the backward, plus the head's bf16 gradient once
+    the head's backward has run (an untied embedding's comes after the layers'). With pipeline stages the first
+    stage holds the most micro-batches, the last the logits: both ends are checked."""
     parts = _parts(spec)
     layers = math.ceil(spec.n_layers / lay.pp)
     T = lay.micro_batch * seq_len / lay.cp
@@ -999,12 +1024,15 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     if lay.recompute == "full":
         full = lay.model_copy(update={"recompute": "none"})
         rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
-    fwd_b, bwd_b = logit_bytes(spec, stack)
+    fwd_b, bwd_b = logit_bytes(spec, stack, lay.tp)
     logit_elems = T * spec.vocab_size / lay.tp
     # the final norm's saved tensors, per token and model dimension: its bf16 input and output, and eagerly also
     # the fp32 copy and the fp32 normalised values (2 + 4 + 4 + 2)
     final_norm = T * spec.d_model / (lay.tp if stack.sequence_parallel else 1) * (4 if stack.fused_elementwise else 12)
     root = _embed_params_on_stage(parts, lay.pp) / lay.tp * 2 if fsdp else 0.0
+    # during a layer's backward the root's bf16 gradient exists for the head's matrix only (the embedding's comes
+    # at the very end; a tied matrix gets the head's part first): the last stage's
+    head_grad = (parts.head or parts.embed) / lay.tp * 2 if fsdp else 0.0
     layer = (parts.layer_dense / lay.tp + parts.layer_expert / (lay.ep * expert_tp(lay))) * 2 if fsdp else 0.0
     # the FSDP unit whose gradients a layer's backward reduces last, after its activations are gone: the whole
     # layer, or its dense part when the experts are a unit of their own (ep > 1)
@@ -1016,10 +1044,11 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
         if i == 0:  # the last stage's loss
             phases.append({"gathered_weights": root, "activations": saved + final_norm,
                            "logits": logit_elems * bwd_b})
-        phases.append({"gathered_weights": 2 * root + 3 * layer, "activations": saved + rebuilt, "logits": 0.0})
+        grad = head_grad if i == 0 else 0.0
+        phases.append({"gathered_weights": root + grad + 3 * layer, "activations": saved + rebuilt, "logits": 0.0})
         # its reduce-scatter: FSDP2 reshards the unit, then casts its bf16 gradient into an fp32 buffer (2 + 4
         # bytes per parameter) while the next layer is already gathered (prefetched)
-        phases.append({"gathered_weights": 2 * root + layer + 3 * unit, "activations": saved, "logits": 0.0})
+        phases.append({"gathered_weights": root + grad + layer + 3 * unit, "activations": saved, "logits": 0.0})
     at = max(range(len(phases)), key=lambda k: sum(phases[k].values()))
     busiest = phases[at]
     end = "last" if lay.pp > 1 and at < 3 else "first"  # the last stage's three phases come first

@@ -165,6 +165,9 @@ def unsupported_reason(layout: Layout, spec: ModelSpec) -> str | None:
     if lay.pp > 1 and lay.pp_schedule not in TRAINER_SCHEDULES:
         return (f"pp_schedule={lay.pp_schedule} is not implemented by the trainer yet; use one of "
                 f"{', '.join(TRAINER_SCHEDULES)}")
+    if spec.vocab_size % lay.tp:
+        return (f"tp={lay.tp} must divide vocab_size={spec.vocab_size} (the trainer splits the vocabulary over tp, "
+                f"without padding); use tp in {[t for t in _divisors(spec.vocab_size) if t <= 64]}")
     if lay.ep > 1 and lay.tp > 1 and not TRAINER_RUNS_EP_WITH_TP:
         return "ep > 1 together with tp > 1 is not implemented by the trainer yet; use one of them"
     return None

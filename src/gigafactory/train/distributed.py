@@ -83,8 +83,13 @@ class Ranks:
         return t
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
-        """The targets of the tokens this rank scores (its sequence slice under tensor parallelism)."""
+        """The targets of the tokens this rank scores (its chunks under context parallelism)."""
         return y
+
+    @property
+    def vocab_group(self) -> Any:
+        """The process group the logits' vocabulary is split over (tensor parallelism), or None."""
+        return None
 
     def set_gradient_sync(self, sync: bool) -> None:
         """Gradient reduction only on the last accumulation micro-batch."""
@@ -179,6 +184,11 @@ class Distributed(Ranks):
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         assert self.par is not None
         return self.par.targets(y)
+
+    @property
+    def vocab_group(self) -> Any:
+        assert self.par is not None
+        return self.par.vocab_group
 
     def set_gradient_sync(self, sync: bool) -> None:
         assert self.par is not None

@@ -220,7 +220,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
                     par.set_gradient_sync(i == grad_accum - 1)
                     x = torch.randint(1, spec.vocab_size, (micro, seq_len))
                     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-                    (lm_loss(par.model, x, par.targets(x), autocast) / grad_accum).backward()
+                    (lm_loss(par.model, x, par.targets(x), autocast, par.vocab_group) / grad_accum).backward()
                 # Clipping's traffic: gradients still partial over tp are summed (its global norm is a scalar
                 # all-reduce the planner does not count, and reading it needs values fake tensors lack).
                 par._sum_over_tp(counter)

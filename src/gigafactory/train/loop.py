@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -67,14 +66,17 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            autocast: contextlib.AbstractContextManager[Any]) -> torch.Tensor:
-    """Mean cross entropy of the model's logits for `x` against the labels `y`. The fp32 logits (tokens ×
+            autocast: contextlib.AbstractContextManager[Any], vocab_group: Any = None) -> torch.Tensor:
+    """Mean cross entropy of the model's logits for `x` against the labels `y` (vocab-parallel when the logits
+    hold `vocab_group`'s shard of the vocabulary, `parallel.tensor.cross_entropy`). The fp32 logits (tokens ×
     vocabulary, the largest tensor of a step) are no longer referenced once the loss exists, so they are freed
     before the backward pass instead of being held through it (4 bytes per logit element; the dry run measured
     it)."""
+    from gigafactory.parallel.tensor import cross_entropy
+
     with autocast:
         logits = model(x)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return cross_entropy(logits, y, vocab_group)
 
 
 def throughput(tokens_per_s: float, flops_per_token: float, peak_per_device: float, world: int) -> dict[str, float]:
@@ -348,10 +350,10 @@ class Trainer:
             x, y = self.sampler.next()
             x, y = ranks.shard(x).to(self.device, non_blocking=True), ranks.shard(y).to(self.device, non_blocking=True)
             ranks.set_gradient_sync(i == cfg.grad_accum - 1)
-            loss = self.faults.poison(self.step + 1, lm_loss(self.model, x, ranks.targets(y), self._autocast()))
-            # Each tp rank scores its own tokens: the global mean is the average over tp ranks, and the partial
-            # gradients of replicated weights are summed over tp.
-            (loss / (cfg.grad_accum * ranks.tp)).backward()
+            loss = lm_loss(self.model, x, ranks.targets(y), self._autocast(), ranks.vocab_group)
+            loss = self.faults.poison(self.step + 1, loss)
+            # Every tp rank has the loss of all tokens (vocab-parallel): no division by tp.
+            (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         return total
 
@@ -368,6 +370,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss over fixed windows, in nats per token and in bits per UTF-8 byte."""
+        from gigafactory.parallel.tensor import cross_entropy
+
         ranks = self.dist
         self.model.eval()
         pipe = ranks.pipeline
@@ -382,12 +386,12 @@ class Trainer:
             if logits is None:
                 continue
             y = ranks.targets(y)
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            sums[0] += cross_entropy(logits, y, ranks.vocab_group, reduction="sum").item()
             sums[1] += float(self.data.token_bytes[y.flatten().cpu()].sum())
             sums[2] += y.numel()
-        # Every data-parallel rank scored the same windows; tp ranks scored disjoint tokens; on a pipeline only
-        # the last stage scored anything.
-        nats, nbytes, ntok = (float(v) / ranks.dp for v in ranks.sum_over_ranks(sums))
+        # Every data-parallel and tp rank scored the same windows (tp: each its vocabulary columns, combined in
+        # the loss); cp ranks scored disjoint tokens; on a pipeline only the last stage scored anything.
+        nats, nbytes, ntok = (float(v) / (ranks.dp * ranks.tp) for v in ranks.sum_over_ranks(sums))
         return {"val_loss": nats / ntok, "val_bits_per_byte": nats / math.log(2) / nbytes}
 
     def fit(self) -> TrainResult:
