@@ -86,8 +86,12 @@ def test_collective_bytes_tiny_fsdp_by_hand() -> None:
     assert got["reduce_scatter"] == pytest.approx(2 * p * 4, rel=1e-3)  # fp32 gradients after each micro-batch
     assert set(got) == {"all_gather", "reduce_scatter"}
     tp = collective_bytes(tiny, Layout(tp=2), 2, 128, reshard_after_forward=False)
-    # 2 layers × (attention + FFN) × (fwd + bwd) × 2 micro-batches × 128 tokens × 128 dims × 2 bytes
-    assert tp["all_gather"] == tp["reduce_scatter"] == pytest.approx(2 * 2 * 2 * 2 * 128 * 128 * 2)
+    # 2 layers × (attention + FFN) × (fwd + bwd) × 2 micro-batches × 128 tokens × 128 dims × 2 bytes, plus the
+    # vocabulary split: per micro-batch the embedding's reduce-scatter (its backward's gather), the head's gather
+    # (its backward's reduce-scatter), and the loss's max, Σexp and target logit (fp32 per token)
+    assert tp["all_gather"] == tp["reduce_scatter"] == pytest.approx((2 * 2 * 2 + 2) * 2 * 128 * 128 * 2)
+    assert tp["all_reduce"] == pytest.approx(2 * (2 * tiny.norm_params_per_layer + tiny.d_model) * 2
+                                             + 2 * 3 * 128 * 4)
     ep = collective_bytes(tiny, Layout(dp_shard=2, ep=2), 2, 128, reshard_after_forward=False)
     # 2 layers × (dispatch + combine) × (fwd + bwd) × top-2 copies of 128 tokens × 128 dims × 2 bytes
     assert ep["all_to_all"] == pytest.approx(2 * 2 * 2 * 2 * 128 * 128 * 2)

@@ -38,10 +38,6 @@ class Parallelized:
     tp_replicated: list[nn.Module] = field(default_factory=list)  # whole on every tp rank, each saw its tokens
 
     @property
-    def tp_mesh(self) -> Any:
-        return self.meshes.tp if self.meshes.layout.tp > 1 else None
-
-    @property
     def vocab_group(self) -> dist.ProcessGroup | None:
         """The group the logits' vocabulary is split over (`parallel.tensor.cross_entropy`), None if whole."""
         return self.meshes.tp.get_group() if self.meshes.layout.tp > 1 else None
