@@ -372,17 +372,31 @@ def test_cli_errors_are_one_line(capsys, monkeypatch) -> None:  # noqa: ANN001
         assert "Traceback" not in err and "╭" not in err
 
 
-def test_cli_plan_json_report_and_launch_files(tmp_path) -> None:
+def test_cli_plan_json_report_and_launch_files(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    from gigafactory.plan import plan_report
+
     rep = tmp_path / "plan.html"
-    # The report sweeps 19 fleet sizes over every layout the trainer runs (cp × pp × ep ...): ~40 s of CPU here.
-    r = subprocess.run([EXE, "plan", "--gpus", "20000", "--json", "--report", str(rep), "--export",
-                        str(tmp_path / "launch")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    # The report's sweep searches every layout the trainer runs at each fleet size (~2 s each; its 18 default
+    # sizes, which test_report_curve_points_and_explanation checks, took 35 s here): 3 log-spaced sizes and the
+    # asked one go through the same search, curve and rendering.
+    real = plan_report.sweep_counts
+    swept: list[int] = []
+
+    def three_sizes(extra: int | None = None) -> list[int]:
+        swept.extend(real(points=3, extra=extra))
+        return swept
+
+    monkeypatch.setattr(plan_report, "sweep_counts", three_sizes)
+    code, stdout, err = _main(capsys, monkeypatch, "plan", "--gpus", "20000", "--json", "--report", str(rep),
+                              "--export", str(tmp_path / "launch"))
+    assert code == 0, err
+    assert swept[0] == 1_000 and 20_000 in swept and len(swept) == 4, swept
+    out = json.loads(stdout)
     assert out["n_gpus"] == 20000 and 0 < out["best"]["mfu"] < 1
     assert out["campaign"]["peak_site_mw"] > 10 and out["campaign"]["lease_usd"] > 0
     text = rep.read_text()
     assert "Plotly" in text and '<script src="http' not in text and len(text) > 1_000_000  # plotly.js inline
+    assert f'"x":[{",".join(map(str, swept))}]' in text  # every swept size is a point of the curve
     plan = json.loads((tmp_path / "launch" / "plan.json").read_text())
     assert Layout(**plan["layout"]).world_size == 20000
     assert "#SBATCH --nodes=2500" in (tmp_path / "launch" / "train.sbatch").read_text()
