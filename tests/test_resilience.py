@@ -42,20 +42,32 @@ def torchrun_train(run_dir, steps, fault=None, max_restarts=0):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
 
 
-def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path):
-    clean = torchrun_train(tmp_path / "clean", 10)
-    assert clean.returncode == 0, clean.stderr[-8000:]
-    # SIGKILL rank 1 before step 7: after the checkpoint of step 4 and before that of step 8.
-    hurt = torchrun_train(tmp_path / "hurt", 10, fault="kill:rank=1:step=7", max_restarts=3)
-    assert hurt.returncode == 0, hurt.stderr[-3000:]
-    assert "resumed from step_000004" in hurt.stderr
-    assert "Signals.SIGKILL" in hurt.stderr or "SIGKILL" in hurt.stderr or "exitcode: -9" in hurt.stderr
-    a, b = metrics(tmp_path / "clean"), metrics(tmp_path / "hurt")
+@pytest.fixture(scope="module")
+def hurt(tmp_path_factory):
+    """One 2-rank job under torchrun's elastic agent, two faults: rank 1 is a straggler in step 3 (3 s of extra
+    work between two collectives) and is SIGKILLed before step 7, after the checkpoint of step 4 and before that
+    of step 8. (One job for both: each torchrun start costs more than the training.)"""
+    root = tmp_path_factory.mktemp("hurt")
+    proc = torchrun_train(root / "run", 10, fault="slow:rank=1:step=3:ms=3000,kill:rank=1:step=7", max_restarts=3)
+    return proc, root / "run"
+
+
+def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path, hurt):
+    # The uninterrupted run is the one-process reference (the same training at any layout; a second torchrun job
+    # would take longer than the whole one-process run). Two ranks sum in another order than one process: their
+    # losses differ by up to 3 float32 ulps here (1.4e-6); a resume that lost anything (data position, optimizer
+    # state, schedule step) is off by orders of magnitude more.
+    Trainer(make_config(run_dir=tmp_path / "clean", steps=10, checkpoint_every=4, **FAST), quiet=True).fit()
+    proc, run = hurt
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step_000004" in proc.stderr
+    assert "Signals.SIGKILL" in proc.stderr or "SIGKILL" in proc.stderr or "exitcode: -9" in proc.stderr
+    a, b = metrics(tmp_path / "clean"), metrics(run)
     assert [r["step"] for r in b] == list(range(1, 11))
     for x, y in zip(a, b, strict=True):
-        assert math.isclose(x["loss"], y["loss"], rel_tol=0, abs_tol=1e-6), (x["step"], x["loss"], y["loss"])
+        assert math.isclose(x["loss"], y["loss"], rel_tol=0, abs_tol=1e-5), (x["step"], x["loss"], y["loss"])
     assert all("step_time_max_s" in r for r in b)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "hurt")][0] == "step_000010"
+    assert [p.name for p in ckpt.list_checkpoints(run)][0] == "step_000010"
 
 
 def test_nan_batch_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
@@ -269,12 +281,13 @@ def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
     assert not (run / "ckpt").exists()
 
 
-def test_a_slow_rank_is_named_from_its_compute_time_not_its_step_time(tmp_path):
+def test_a_slow_rank_is_named_from_its_compute_time_not_its_step_time(hurt):
     # Rank 1 does 3 s of extra work inside step 3 (between two collectives): both ranks' step takes >3 s, but
-    # rank 0 spends it waiting in a collective; only rank 1's compute is long.
-    proc = torchrun_train(tmp_path / "run", 4, fault="slow:rank=1:step=3:ms=3000")
+    # rank 0 spends it waiting in a collective; only rank 1's compute is long. (Step 3's row is from before the
+    # kill: the job resumed from step 4.)
+    proc, run = hurt
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["step"]: r for r in metrics(tmp_path / "run")}
+    rows = {r["step"]: r for r in metrics(run)}
     slow = rows[3]
     assert slow["step_time_max_s"] > 3.0 and slow["step_time_s"] > 3.0  # rank 0's own step time is long too
     assert slow["stragglers"] == [1]
