@@ -27,6 +27,7 @@ LAYOUTS = {  # name -> (layout, ranks)
     "fsdp2": ("dp_shard=2", 2),
     "tp2": ("tp=2", 2),
     "ep2": ("dp_shard=2,ep=2", 2),
+    "ep2_capacity": ("dp_shard=2,ep=2", 2),  # the fixed-shape dispatch, with the capacity in CAPACITY
     "pp2": ("pp=2,pp_schedule=1f1b", 2),
     "pp2_interleaved": ("pp=2,pp_schedule=interleaved,pp_virtual=2", 2),
     "pp2_zero_bubble": ("pp=2,pp_schedule=zero_bubble", 2),
@@ -49,6 +50,10 @@ RESUMES = {
     "pp2_tp2_then_cp2_fsdp2": ("pp2_tp2", "cp=2,dp_shard=2", 4),
 }
 BF16 = {"fsdp2_bf16": ("dp_shard=2", 2)}  # FSDP2 mixed precision, for the byte test only
+# moe_capacity_factor per run. n_experts / top_k gives every expert a slot for every token (C = tokens), so nothing
+# is dropped and the run must match one process (dropless) while sending n_experts / top_k times its bytes.
+_SPEC = json.loads(Path(SPEC).read_text())
+CAPACITY = {"ep2_capacity": _SPEC["n_experts"] / _SPEC["top_k"]}
 REL = 1e-4
 
 
@@ -68,8 +73,8 @@ def _resume_copy(root: Path, src: str, dst: str) -> Path:
 
 def _launch(root: Path, jobs: dict[str, tuple[Path, str, bool]], nproc: int) -> dict[str, dict]:
     """One torchrun job running every (run_dir, layout, resume) in `jobs` in turn."""
-    spec = [[str(d), lay, str(root / f"{name}.out"), "resume" if res else "fresh", "bf16" if name in BF16 else "fp32"]
-            for name, (d, lay, res) in jobs.items()]
+    spec = [[str(d), lay, str(root / f"{name}.out"), "resume" if res else "fresh", "bf16" if name in BF16 else "fp32",
+             CAPACITY.get(name)] for name, (d, lay, res) in jobs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,7 +166,8 @@ def test_measured_collective_bytes_match_the_planner(runs: dict, name: str) -> N
 
     layout = Layout.parse(LAYOUTS[name][0])
     cfg = config("unused", None)
-    predicted = predicted_bytes(load_spec(SPEC), layout, cfg.batch_size, cfg.grad_accum, cfg.seq_len or 0, 4)
+    predicted = predicted_bytes(load_spec(SPEC), layout, cfg.batch_size, cfg.grad_accum, cfg.seq_len or 0, 4,
+                                capacity_factor=CAPACITY.get(name))
     rows = comparison_rows(measured_bytes(runs[name]["metrics"]), predicted)
     print(f"\n{layout.short()}\n{format_rows(rows)}")
     for row in rows:

@@ -18,18 +18,19 @@ from torch.distributed.tensor import DTensor
 SPEC = str(Path(__file__).with_name("data") / "deep_tiny.json")
 
 
-def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5, dtype: str = "fp32"):  # noqa: ANN201
+def config(run_dir: str, layout: str | None, resume: bool = False, steps: int = 5, dtype: str = "fp32",  # noqa: ANN201
+           capacity: float | None = None):
     from gigafactory.train.config import make_config
 
     return make_config(model=SPEC, steps=steps, run_dir=run_dir, batch_size=8, grad_accum=2, seq_len=32, lr=3e-3,
                        warmup_steps=1, eval_every=100, eval_windows=4, checkpoint_every=3, dtype=dtype,
-                       layout=layout, resume=resume)
+                       layout=layout, resume=resume, moe_capacity_factor=capacity)
 
 
-def run(run_dir: str, layout: str | None, resume: bool, dtype: str = "fp32") -> dict:
+def run(run_dir: str, layout: str | None, resume: bool, dtype: str = "fp32", capacity: float | None = None) -> dict:
     from gigafactory.train.loop import Trainer
 
-    tr = Trainer(config(run_dir, layout, resume, dtype=dtype), quiet=True)
+    tr = Trainer(config(run_dir, layout, resume, dtype=dtype, capacity=capacity), quiet=True)
     grads: dict[str, torch.Tensor] = {}
 
     def grab(_opt: object, _args: object, _kwargs: object) -> None:
@@ -47,11 +48,11 @@ def run(run_dir: str, layout: str | None, resume: bool, dtype: str = "fp32") -> 
 if __name__ == "__main__":
     from gigafactory.train import distributed
 
-    # argv: a JSON list of [run_dir, layout, out_prefix, "fresh" | "resume", dtype]. The default process group
-    # stays up between runs (each run builds its own mesh); it is torn down once at the end.
+    # argv: a JSON list of [run_dir, layout, out_prefix, "fresh" | "resume", dtype, MoE capacity factor or null].
+    # The default process group stays up between runs (each run builds its own mesh); it is torn down at the end.
     res: dict = {}
-    for run_dir, layout, out, mode, dtype in json.loads(sys.argv[1]):
-        res = run(run_dir, layout, mode == "resume", dtype)
+    for run_dir, layout, out, mode, dtype, capacity in json.loads(sys.argv[1]):
+        res = run(run_dir, layout, mode == "resume", dtype, capacity)
         rank = int(os.environ["RANK"])
         torch.save({"losses": res["losses"], "grads": res["grads"]}, f"{out}.rank{rank}.pt")
         torch.distributed.barrier()

@@ -10,6 +10,9 @@ Single-device math only: how it is sharded lives in `gigafactory.parallel`, how 
 - experts are gated GELU (tanh approximation): ``W_down(W_v·x ⊙ gelu(W_gate·x))``, run as grouped matmuls over
   token copies sorted by expert, with no host synchronisation; Grok-2 adds a dense FFN
   beside the MoE and scales the sum by 1/√2;
+- dispatch is dropless, or with a capacity factor (a training option, `MoE.capacity_factor`) each expert takes at
+  most C copies of a layer's tokens in fixed-size, zero-padded slots (`specs.moe.expert_capacity`), the rest are
+  dropped: fixed shapes, so expert parallelism's all-to-all needs no host synchronisation either;
 - embeddings are multiplied on the way in, logits on the way out, optionally soft-capped.
 
 The MoE's auxiliary losses (load balancing and router z-loss) do not travel in the return value: their
@@ -21,6 +24,7 @@ sequence-wise balance loss), so splitting a batch across data-parallel ranks doe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from gigafactory.model.attention import allowed, attend
 from gigafactory.specs import ModelSpec
+from gigafactory.specs.moe import expert_capacity
 
 PAD_ID = 0
 
@@ -183,6 +188,8 @@ class MoE(nn.Module):
         self.lb_weight = 0.0
         self.z_weight = 0.0
         self.aux_scale = 1.0
+        # Set by the trainer (`TrainConfig.moe_capacity_factor`): None = dropless dispatch.
+        self.capacity_factor: float | None = None
         self.last_stats: dict[str, Tensor] = {}
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,6 +202,8 @@ class MoE(nn.Module):
     def dispatch_compute(self, x: Tensor, gates: Tensor, idx: Tensor) -> Tensor:
         """Sort token copies by expert, run the experts, scatter back weighted by their gates. Expert
         parallelism replaces this method with an all-to-all version; the math is the same."""
+        if self.capacity_factor is not None:
+            return self.capacity_dispatch(x, gates, idx)
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k
@@ -204,6 +213,26 @@ class MoE(nn.Module):
         out = self.experts(x[token_of], counts)
         out = out * gates.reshape(-1)[order, None].to(out.dtype)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+
+    def capacity_dispatch(self, x: Tensor, gates: Tensor, idx: Tensor,
+                          run_experts: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
+        """The fixed-shape dispatch: every expert gets C slots (`capacity_slots`), zero rows where unused; a copy
+        beyond its expert's C is dropped (it adds nothing to its token, and gets no gradient). `run_experts(rows,
+        C)` maps the [E·C, d] slot rows, expert-major, to the experts' outputs in the same order; by default this
+        process holds every expert. Every shape follows from x's, so the host never reads routing data."""
+        assert self.capacity_factor is not None
+        n, d = x.shape
+        cap = expert_capacity(n, self.top_k, self.n_experts, self.capacity_factor)
+        slots = capacity_slots(idx, self.n_experts, cap)
+        token = slots // self.top_k  # n for an empty slot: the zero row appended below
+        rows = torch.cat([x, x.new_zeros(1, d)])[token]
+        if run_experts is None:
+            out = self.experts(rows, torch.full((self.n_experts,), cap, device=x.device))
+        else:
+            out = run_experts(rows, cap)
+        gate = torch.cat([gates.reshape(-1), gates.new_zeros(1)])[slots]
+        out = out * gate[:, None].to(out.dtype)
+        return x.new_zeros((n + 1, d), dtype=out.dtype).index_add_(0, token, out)[:n]
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -217,11 +246,36 @@ class MoE(nn.Module):
     def _aux_loss(self, logits: Tensor, idx: Tensor) -> Tensor:
         # Load balance per sequence: E · Σ_e f_e · P_e with f_e the share of routed slots, P_e the mean prob.
         probs = logits.softmax(-1)
-        share = F.one_hot(idx, self.n_experts).float().sum(2).mean(1) / self.top_k  # [B, E]
+        share = routed_counts(idx, self.n_experts).mean(1) / self.top_k  # [B, E]
         lb = (self.n_experts * (share * probs.mean(1)).sum(-1)).mean()
         z = torch.logsumexp(logits, -1).pow(2).mean()
         self.last_stats = {"lb_loss": lb.detach(), "z_loss": z.detach()}  # tensors: read once per step
         return (self.lb_weight * lb + self.z_weight * z) * self.aux_scale
+
+
+def routed_counts(idx: Tensor, n_experts: int) -> Tensor:
+    """[..., E] float: how many of each position's routed choices `idx` [..., k] went to each expert. A scatter-add,
+    not `F.one_hot`, which checks its input's range on the host (a sync) outside CUDA."""
+    ones = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
+    counts = torch.zeros((*idx.shape[:-1], n_experts), dtype=torch.float32, device=idx.device)
+    return counts.scatter_add_(-1, idx, ones)
+
+
+def capacity_slots(idx: Tensor, n_experts: int, capacity: int) -> Tensor:
+    """Which routed copy fills each of the n_experts · capacity expert slots: [E·C] indices into
+    ``idx.reshape(-1)`` (token-major, so copy i is token i // top_k's choice i % top_k), expert-major, or
+    ``idx.numel()`` for an empty slot. Each expert takes its copies in token order and drops those beyond
+    `capacity` (the later tokens): deterministic, whatever the device. Static shapes only, no host sync."""
+    flat = idx.reshape(-1)
+    n = flat.numel()
+    order = torch.argsort(flat, stable=True)  # copies grouped by expert, token order kept within each
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    expert = flat[order]
+    pos = torch.arange(n, device=flat.device) - (counts.cumsum(0) - counts)[expert]  # place within its expert
+    # a dropped copy writes to one extra slot, cut off below (several may: that slot's value is never used)
+    dest = torch.where(pos < capacity, expert * capacity + pos, n_experts * capacity)
+    slots = torch.full((n_experts * capacity + 1,), n, dtype=torch.int64, device=flat.device)
+    return slots.scatter_(0, dest, order)[:-1]
 
 
 class DenseFFN(nn.Module):

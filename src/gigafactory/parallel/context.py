@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from gigafactory.model.grok import PAD_ID, GrokModel, MoE
+from gigafactory.model.grok import PAD_ID, GrokModel, MoE, routed_counts
 from gigafactory.parallel.comm import gather_seq
 
 
@@ -83,7 +82,7 @@ def cp_aux_loss(moe: MoE, logits: Tensor, idx: Tensor, group: dist.ProcessGroup)
     cp = group.size()
     n_tok = logits.shape[1] * cp
     probs = logits.softmax(-1)
-    counts = F.one_hot(idx, moe.n_experts).float().sum((1, 2))  # [B, E] routed slots of this rank's tokens
+    counts = routed_counts(idx, moe.n_experts).sum(1)  # [B, E] routed slots of this rank's tokens
     dist.all_reduce(counts, group=group)
     share = counts / (n_tok * moe.top_k)
     mean_prob = _SumOverRanks.apply(probs.sum(1), group) / n_tok

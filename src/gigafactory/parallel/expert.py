@@ -1,7 +1,14 @@
 """Expert parallelism: experts split over the ``ep`` ranks, tokens sent to them with `all_to_all_single`.
 
-Dropless: every routed token copy reaches its expert, however uneven the routing, because the split sizes are
-exchanged first (a small all-to-all of per-expert counts) and the token all-to-all uses those uneven splits.
+Two dispatches, chosen by `MoE.capacity_factor` (the training option ``moe_capacity_factor``):
+- Dropless (None, the default): every routed token copy reaches its expert, however uneven the routing, because
+  the split sizes are exchanged first (a small all-to-all of per-expert counts) and the token all-to-all uses
+  those uneven splits. The host must read those sizes (``.tolist()``): on a GPU that is one device-to-host
+  synchronisation per MoE layer per micro-batch (and `bincount`/`repeat_interleave` are data-dependent too).
+- Capacity (a factor f): each rank sends every expert exactly C = ⌈f·tokens·top_k/E⌉ zero-padded slots
+  (`MoE.capacity_dispatch`, `specs.moe.expert_capacity`), dropping the copies beyond C. Split sizes follow from
+  the tokens' shape alone, so `all_to_all_single` (NCCL's included) runs with host-known static splits and the
+  layer never waits for the device; the cost is the padding's bytes and compute, and the dropped copies.
 Rank r holds experts [r·E/ep, (r+1)·E/ep) as a Shard(0) DTensor over ``ep`` (so checkpoints keep the global
 [E, in, out] shape). The math is `MoE.dispatch_compute`'s: sort copies by expert, run the experts, weight by the
 gates, scatter back; only where the experts run changes.
@@ -29,6 +36,8 @@ from gigafactory.parallel.tensor import distribute_param
 
 
 def ep_dispatch_compute(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: dist.ProcessGroup) -> Tensor:
+    if moe.capacity_factor is not None:
+        return moe.capacity_dispatch(x, gates, idx, lambda rows, cap: _ep_run_slots(moe, rows, cap, group))
     ep = group.size()
     n_local = moe.n_experts // ep
     flat = idx.reshape(-1)
@@ -50,6 +59,19 @@ def ep_dispatch_compute(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: 
     out = all_to_all(out_recv, in_splits, out_splits, group)
     out = out * gates.reshape(-1)[order, None].to(out.dtype)
     return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+
+
+def _ep_run_slots(moe: MoE, rows: Tensor, cap: int, group: dist.ProcessGroup) -> Tensor:
+    """The experts over `group` on slot rows [E·C, d] (expert-major, so rank r's experts are one contiguous block
+    of n_local·C rows): equal static splits there and back, no counts exchanged."""
+    ep = group.size()
+    n_local = moe.n_experts // ep
+    splits = [n_local * cap] * ep
+    recv = all_to_all(rows, splits, splits, group)  # [ep sources, n_local, C] → grouped by local expert below
+    grouped = recv.view(ep, n_local, cap, -1).transpose(0, 1).reshape(n_local * ep * cap, -1)
+    out = moe.experts(grouped, torch.full((n_local,), ep * cap, device=rows.device))
+    back = out.view(n_local, ep, cap, -1).transpose(0, 1).reshape(ep * n_local * cap, -1)
+    return all_to_all(back, splits, splits, group)
 
 
 def apply_ep(model: GrokModel, mesh: DeviceMesh, grad_scale: float) -> list[nn.Module]:

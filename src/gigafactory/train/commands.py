@@ -11,6 +11,13 @@ from rich.console import Console
 console = Console()
 
 
+def _help(option: str) -> str:
+    """An option's help, from its one definition in `TrainConfig` (pydantic, no torch)."""
+    from gigafactory.train.config import TrainConfig
+
+    return TrainConfig.model_fields[option].description or ""
+
+
 def train(
     model: str = typer.Option("small", help="preset (tiny, small, grok-1, grok-2) or a .toml/.json spec"),
     steps: int = typer.Option(300, help="optimizer steps; the learning-rate schedule spans them"),
@@ -40,6 +47,7 @@ def train(
                                                    "peer's host memory (restarts skip the disk); 0 = off"),
     stop_after: int | None = typer.Option(None, help="stop at this step with a checkpoint (time-boxed job)"),
     dtype: str | None = typer.Option(None, help="auto, fp32 or bf16 (autocast)"),
+    moe_capacity_factor: float | None = typer.Option(None, help=_help("moe_capacity_factor")),
     layout: str | None = typer.Option(None, help="parallel layout under torchrun, e.g. dp_shard=2,tp=2"),
     plan: Path | None = typer.Option(None, help="plan.json from `gigafactory plan --export`: layout, batch, steps"),
     compare_plan: bool = typer.Option(False, help="print measured bytes per collective beside the planner's"),
@@ -64,7 +72,7 @@ def train(
         grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
         checkpoint_every=checkpoint_every, keep_last=keep_last, stop_after=stop_after, dtype=dtype, layout=layout,
         async_checkpoint=async_checkpoint, auto_resume=auto_resume, fleet_gpus=fleet_gpus, max_bad_steps=max_bad_steps,
-        hang_timeout_s=hang_timeout, peer_snapshot_every=peer_snapshot_every,
+        hang_timeout_s=hang_timeout, peer_snapshot_every=peer_snapshot_every, moe_capacity_factor=moe_capacity_factor,
     )
     cfg = make_config(**distributed.with_plan(options, plan))
     if dry_run:

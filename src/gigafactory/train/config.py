@@ -36,6 +36,11 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     lb_loss_weight: float = Field(0.01, ge=0, description="MoE load-balancing loss weight")
     z_loss_weight: float = Field(1e-3, ge=0, description="router z-loss weight")
+    moe_capacity_factor: float | None = Field(
+        None, gt=0, description="MoE expert capacity: each expert takes at most ceil(f·tokens·top_k/n_experts) "
+        "token copies per layer in fixed, zero-padded slots, later tokens beyond it dropped; fixed shapes let "
+        "expert parallelism skip its per-layer host sync. Default: dropless (exact, one sync per layer under ep)"
+    )
     eval_every: int = Field(100, gt=0)
     eval_windows: int = Field(48, gt=0, description="validation windows of seq_len tokens per evaluation")
     checkpoint_every: int | Literal["auto"] = Field(

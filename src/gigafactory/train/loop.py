@@ -211,6 +211,7 @@ class Trainer:
         micro = cfg.batch_size // cfg.grad_accum
         for moe in model.moe_layers():
             moe.lb_weight, moe.z_weight, moe.aux_scale = cfg.lb_loss_weight, cfg.z_loss_weight, 1 / cfg.grad_accum
+            moe.capacity_factor = cfg.moe_capacity_factor
         self.model = self.dist.parallelize(model, seed=cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = datalib.make_sampler(self.data.train, micro, self.seq_len, cfg.seed)
