@@ -18,11 +18,14 @@ def _rel(m: float, p: float) -> float:
     return abs(m - p) / p
 
 
-@pytest.mark.parametrize(("layout", "world"), [("dp_shard=4", 4), ("dp_shard=4,ep=2", 4), ("dp_shard=2,tp=2", 4),
-                                               ("dp_shard=6,ep=2", 6)])  # experts FSDP over 3: d_model=128 ∤ 3
-def test_tiny_dry_run_matches_the_planner(layout: str, world: int) -> None:
+@pytest.mark.parametrize(("layout", "world", "capacity"), [
+    ("dp_shard=4", 4, None), ("dp_shard=4,ep=2", 4, None), ("dp_shard=2,tp=2", 4, None),
+    ("dp_shard=6,ep=2", 6, None),  # experts FSDP over 3: d_model=128 ∤ 3
+    ("dp_shard=4,ep=2,tp=2", 8, 1.3),  # the real fixed-shape dispatch on fake tensors: padded all-to-all bytes
+])
+def test_tiny_dry_run_matches_the_planner(layout: str, world: int, capacity: float | None) -> None:
     r = dry_run(load_spec("tiny"), Layout.parse(layout), world, batch_size=12 if world == 6 else 8, grad_accum=1,
-                seq_len=32)
+                seq_len=32, capacity_factor=capacity)
     mem, coll = r["memory"], r["collectives"]
     assert set(mem["measured"]) == set(mem["predicted"]) == set(MEMORY_KEYS)
     assert set(coll["measured"]) == set(coll["predicted"])

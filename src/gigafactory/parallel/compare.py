@@ -14,15 +14,17 @@ KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv"
 
 
 def predicted_bytes(spec: ModelSpec, layout: Layout, batch_size: int, grad_accum: int, seq_len: int,
-                    act_bytes: int, pp_rank: int | None = None) -> dict[str, float]:
+                    act_bytes: int, pp_rank: int | None = None,
+                    capacity_factor: float | None = None) -> dict[str, float]:
     """The planner's figures for exactly this run: its micro-batch is the trainer's per-rank micro-batch, and
     parameters are gathered in fp32 unless training in bf16 (FSDP then gathers bf16 copies). `pp_rank`: the
-    pipeline rank whose point-to-point bytes count (default: the average over pipeline ranks)."""
+    pipeline rank whose point-to-point bytes count (default: the average over pipeline ranks).
+    `capacity_factor`: the run's ``moe_capacity_factor``."""
     micro = batch_size // grad_accum // layout.dp
     lay = layout.model_copy(update={"micro_batch": micro})
     # This trainer's TP sums the router's gate gradients over tp.
     return collective_bytes(spec, lay, batch_size, seq_len, dtype_bytes=act_bytes, grad_bytes=4,
-                            router_grads_over_tp=True, pp_rank=pp_rank)
+                            router_grads_over_tp=True, pp_rank=pp_rank, capacity_factor=capacity_factor)
 
 
 def measured_bytes(metrics_path: Path) -> dict[str, float]:

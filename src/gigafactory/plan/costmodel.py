@@ -29,6 +29,7 @@ from typing import Literal
 from gigafactory.specs.hardware import FabricSpec, GPUSpec, get_fabric
 from gigafactory.specs.layout import Layout
 from gigafactory.specs.model_spec import ModelSpec
+from gigafactory.specs.moe import dispatched_rows
 
 GIB = 1024**3
 
@@ -458,14 +459,23 @@ class _LayerTime:
 
 
 def _layer_time(spec: ModelSpec, lay: Layout, gpu: GPUSpec, stack: Stack, seq: int, fp8: bool = False,
-                imbalance: float = EXPERT_IMBALANCE) -> _LayerTime:
+                imbalance: float = EXPERT_IMBALANCE, capacity_factor: float | None = None) -> _LayerTime:
     return _layer_time_cached(spec, lay.tp, lay.cp, lay.ep, lay.micro_batch, lay.recompute, gpu, stack, seq, fp8,
-                              imbalance if spec.n_experts > 1 else 1.0)
+                              imbalance if spec.n_experts > 1 else 1.0, capacity_factor)
+
+
+def routed_rows_per_token(spec: ModelSpec, tokens: float, capacity_factor: float | None) -> float:
+    """Rows the MoE dispatch moves per token when a rank dispatches `tokens` tokens: top_k dropless, else the
+    expert slots with their padding, n_experts·C / tokens ≈ top_k · capacity factor (`specs.moe`)."""
+    if tokens <= 0:
+        return float(spec.top_k)
+    return dispatched_rows(tokens, spec.top_k, spec.n_experts, capacity_factor) / tokens
 
 
 @functools.lru_cache(maxsize=4096)
 def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: int, recompute: str,
-                       gpu: GPUSpec, stack: Stack, seq: int, fp8: bool, imbalance: float) -> _LayerTime:
+                       gpu: GPUSpec, stack: Stack, seq: int, fp8: bool, imbalance: float,
+                       capacity_factor: float | None = None) -> _LayerTime:
     lay = Layout(tp=tp, cp=cp, ep=ep, micro_batch=micro_batch, recompute=recompute)  # type: ignore[arg-type]
     t = lay.tp
     T = lay.micro_batch * seq / lay.cp  # tokens on this rank (context parallel splits the sequence)
@@ -477,8 +487,10 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     gemm = _gemm_time(T, (q + 2 * kv) / t, h, gpu, fp8=fp8) + _gemm_time(T, h, q / t, gpu, fp8=fp8)
     gemm += _gemm_time(T, spec.n_experts, h, gpu)  # router (replicated, bf16/fp32)
     # routed experts: ep·T·k tokens land on the E experts of the EP group; each GPU holds E/ep of them, and the
-    # busiest GPU gets `imbalance` × the mean (everyone waits for it at the combine)
-    m_e = lay.ep * T * spec.top_k / spec.n_experts * imbalance
+    # busiest GPU gets `imbalance` × the mean (everyone waits for it at the combine). With a capacity factor every
+    # expert runs exactly its ep·C slots, padding included, and no rank is busier than another.
+    rows = routed_rows_per_token(spec, T / (sp if lay.ep > 1 else 1), capacity_factor)
+    m_e = lay.ep * T * (spec.top_k * imbalance if capacity_factor is None else rows) / spec.n_experts
     f = spec.expert_ffn / t
     local_experts = spec.n_experts / lay.ep
     gemm += _gemm_time(m_e, f, h, gpu, 2 * local_experts, fp8) + _gemm_time(m_e, h, f, gpu, local_experts, fp8)
@@ -505,10 +517,10 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     norms = spec.norm_params_per_layer // h
     eb = FUSED_BYTES if stack.fused_elementwise else EAGER_BYTES
     token_bytes = (norms * eb["norm"] * h + 2 * (6 + (3 if stack.dropout else 0)) * h) / sp
-    token_bytes += eb["gated_act"] * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+    token_bytes += eb["gated_act"] * (rows * spec.expert_ffn + spec.dense_ffn) / t
     token_bytes += eb["rope"] * (q + kv) / t
     elem = (T * token_bytes + scores_bytes) / bw
-    perm_fwd, perm_bwd = permutation_bytes(spec, stack, lay.ep, local_experts)
+    perm_fwd, perm_bwd = permutation_bytes(spec, stack, lay.ep, local_experts, rows)
     gaps = stack.kernels_per_layer * stack.kernel_gap_s
     fwd = gemm + attn_fwd + elem + T * perm_fwd / sp / bw + gaps
     bwd = 2 * gemm + attn_bwd + 2 * elem + T * perm_bwd / sp / bw + 2 * gaps
@@ -517,7 +529,7 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
     elif lay.recompute == "selective" and stack.flash_attention:
         # Megatron-Core --recompute-modules moe_act layernorm: the FFN activation functions and the norms
         # are redone in backward (elementwise traffic only)
-        rec = T * (eb["gated_act"] * (spec.top_k * spec.expert_ffn + spec.dense_ffn) / t
+        rec = T * (eb["gated_act"] * (rows * spec.expert_ffn + spec.dense_ffn) / t
                    + norms * eb["norm"] * h / sp) / bw
     elif lay.recompute == "selective":
         rec = attn_fwd + scores_bytes / bw
@@ -541,25 +553,32 @@ def _layer_time_cached(spec: ModelSpec, tp: int, cp: int, ep: int, micro_batch: 
 # reads + writes its destination row (3 touches) into a zeroed output (1 token write); backward: `index_select`
 # of the gradient 2, the product's two gradients 4, the re-sorts 4, and the gather's backward, an `index_add_`
 # into zeros, 3 + 1 token write.
+# With a capacity factor (`MoE.capacity_dispatch`) the same passes run over every expert slot, padding included:
+# n_experts·C rows instead of top_k per token (`routed_rows_per_token`).
 # Touches per forward / backward: (copies, tokens, extra copies when re-sorting by local expert).
 PERMUTE_TOUCHES = {True: ((2, 2), (3, 2), 4), False: ((7, 1), (9, 1), 4)}
 
 
-def permutation_bytes(spec: ModelSpec, stack: Stack, ep: int, local_experts: float) -> tuple[float, float]:
+def permutation_bytes(spec: ModelSpec, stack: Stack, ep: int, local_experts: float,
+                      rows_per_token: float | None = None) -> tuple[float, float]:
     """HBM bytes per token (on the whole sequence; the caller divides by sequence parallelism) that an MoE layer's
     token permutation moves in forward and in backward (`PERMUTE_TOUCHES`): the re-sort by local expert runs
-    only after an all-to-all (ep > 1) that lands on more than one local expert."""
+    only after an all-to-all (ep > 1) that lands on more than one local expert. `rows_per_token`: routed rows
+    per token (default top_k; with a capacity factor, the padded slots of `routed_rows_per_token`)."""
     if spec.n_experts <= 1:
         return 0.0, 0.0
     (cf, tf), (cb, tb), resort = PERMUTE_TOUCHES[stack.fused_elementwise]
     sort = resort if ep > 1 and local_experts > 1 else 0
-    copy, token = 2 * spec.top_k * spec.d_model, 2 * spec.d_model
+    rows = spec.top_k if rows_per_token is None else rows_per_token
+    copy, token = 2 * rows * spec.d_model, 2 * spec.d_model
     return (cf + sort) * copy + tf * token, (cb + sort) * copy + tb * token
 
 
-def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int, fp8: bool = False) -> float:
+def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int, fp8: bool = False,
+                           capacity_factor: float | None = None) -> float:
     """Activation bytes one layer keeps for one micro-batch on one GPU (Korthikanti et al. generalised). Under FP8,
-    Transformer Engine keeps the FP8 cast of each GEMM's input for the weight gradient (1 byte, not 2)."""
+    Transformer Engine keeps the FP8 cast of each GEMM's input for the weight gradient (1 byte, not 2). With a
+    capacity factor the experts keep their padded slots too (`routed_rows_per_token`)."""
     t = lay.tp
     sp = t if stack.sequence_parallel else 1
     T = lay.micro_batch * seq / lay.cp
@@ -589,7 +608,8 @@ def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int,
         ffn_per = 4
         per_tok -= gemm_in * h / sp
     ffn_per -= 2 - gemm_in  # the product is the down projection's GEMM input
-    per_tok += spec.top_k * (gemm_in * h / sp + ffn_per * spec.expert_ffn / t)
+    rows = routed_rows_per_token(spec, T / (sp if lay.ep > 1 else 1), capacity_factor)
+    per_tok += rows * (gemm_in * h / sp + ffn_per * spec.expert_ffn / t)
     if spec.dense_ffn:
         per_tok += ffn_per * spec.dense_ffn / t
     if spec.n_experts > 1:
@@ -634,6 +654,7 @@ def collective_bytes(
     sequence_parallel: bool = True,
     router_grads_over_tp: bool = False,
     pp_rank: int | None = None,
+    capacity_factor: float | None = None,
 ) -> dict[str, float]:
     """Payload bytes per rank per optimizer step of each collective (see docs/plan.md for the convention).
 
@@ -650,7 +671,8 @@ def collective_bytes(
     tp (`vocab_parallel_bytes`); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums
     over tp.
     Point-to-point bytes (and a tied embedding's gradient sum) are those of pipeline rank ``pp_rank``, or their
-    average over the pipeline ranks when it is None.
+    average over the pipeline ranks when it is None. With ``capacity_factor`` the expert all-to-all moves every
+    expert's padded slots (`specs.moe.dispatched_rows`), not the routed copies.
     """
     lay = layout
     dp = lay.dp
@@ -720,10 +742,11 @@ def collective_bytes(
             # are summed over tp once per step
             out["all_reduce"] += expert_local / max(1, shard // lay.ep) * grad_bytes
     if lay.ep > 1:
-        tokens = act / (lay.tp if sequence_parallel else 1)
+        tokens = T / (lay.tp if sequence_parallel else 1)  # each tp rank dispatches its own sequence slice
+        rows = dispatched_rows(tokens, spec.top_k, spec.n_experts, capacity_factor)
         # dispatch and combine in forward and again in backward (+ forward again under full recompute)
         passes = 2 + (1 if lay.recompute == "full" else 0)
-        out["all_to_all"] += n_micro * layers * 2 * passes * spec.top_k * tokens
+        out["all_to_all"] += n_micro * layers * 2 * passes * rows * h * dtype_bytes
     if lay.cp > 1:
         kv_bytes = T * 2 * spec.n_kv_heads * spec.head_dim / lay.tp * dtype_bytes  # this rank's K and V
         fwd = 1 + (1 if lay.recompute == "full" else 0)
@@ -828,8 +851,10 @@ def estimate(
     with_bytes: bool = True,
     fp8: bool = False,
     expert_imbalance: float = EXPERT_IMBALANCE,
+    capacity_factor: float | None = None,
 ) -> StepCost:
-    """Predict one optimizer step. ``global_batch_seqs`` must be a multiple of dp × micro_batch."""
+    """Predict one optimizer step. ``global_batch_seqs`` must be a multiple of dp × micro_batch.
+    ``capacity_factor``: the trainer's ``moe_capacity_factor`` (None = dropless dispatch)."""
     lay = layout
     gpu = cluster.gpu
     dp = lay.dp
@@ -844,7 +869,7 @@ def estimate(
     notes: list[str] = []
 
     # ---- compute per micro-batch on the slowest stage
-    lt = _layer_time(spec, lay, gpu, stack, seq_len, fp8, expert_imbalance)
+    lt = _layer_time(spec, lay, gpu, stack, seq_len, fp8, expert_imbalance, capacity_factor)
     head = _gemm_time(T, spec.vocab_size / lay.tp, spec.d_model, gpu)
     head_t = 3 * head + T * spec.vocab_size / lay.tp * stack.loss_bytes / (gpu.hbm_eff * gpu.hbm_bw)
     layer_t = lt.fwd + lt.bwd + lt.recompute
@@ -862,8 +887,8 @@ def estimate(
         exposed["tp"] = comm["tp"] * (1 - stack.tp_overlap)
     if lay.ep > 1:
         sp = lay.tp if stack.sequence_parallel else 1
-        imb = expert_imbalance if spec.n_experts > 1 else 1.0
-        send = spec.top_k * act / sp * (lay.ep - 1) / lay.ep * imb
+        imb = expert_imbalance if spec.n_experts > 1 and capacity_factor is None else 1.0
+        send = routed_rows_per_token(spec, T / sp, capacity_factor) * act / sp * (lay.ep - 1) / lay.ep * imb
         ep_in_node = max(1, min(lay.ep, per_node // min(lay.tp, per_node)))
         off = (lay.ep - ep_in_node) / lay.ep / ((lay.ep - 1) / lay.ep)
         alpha, _ = level_alpha(lay.ep * lay.tp, cluster)
@@ -975,7 +1000,8 @@ def estimate(
     mem = {k: dense_local * v for k, v in state_split(fsdp_shard, opt_shard).items()}
     for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
-    transient, act_peak, pp_stage = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8)
+    transient, act_peak, pp_stage = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8,
+                                                    capacity_factor)
     mem.update(transient)
     capacity = gpu.hbm_bytes * 0.92 - 1 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     if lay.pp > 1 and n_micro < lay.pp:
@@ -983,7 +1009,8 @@ def estimate(
 
     cb = collective_bytes(spec, lay, n_micro * dp * lay.micro_batch, seq_len,
                           grad_bytes=stack.grad_reduce_bytes, reshard_after_forward=stack.reshard_after_forward,
-                          sequence_parallel=stack.sequence_parallel) if with_bytes else {}
+                          sequence_parallel=stack.sequence_parallel,
+                          capacity_factor=capacity_factor) if with_bytes else {}
     return StepCost(
         layout=lay, global_batch_seqs=n_micro * dp * lay.micro_batch, seq_len=seq_len, n_micro=n_micro,
         step_time_s=step, compute_s=compute_s, bubble_s=bubble_s, exposed_comm_s=exposed, comm_s=comm,
@@ -1003,7 +1030,7 @@ def logit_bytes(spec: ModelSpec, stack: Stack, tp: int = 1) -> tuple[float, floa
 
 
 def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_micro: int, fsdp: bool,
-                    fp8: bool = False) -> tuple[dict[str, float], float, str]:
+                    fp8: bool = False, capacity_factor: float | None = None) -> tuple[dict[str, float], float, str]:
     """What one GPU holds besides its parameter/gradient/optimizer state at the step's busiest moment, as
     (``gathered_weights``, ``activations``, ``logits``), the most activation bytes held at any moment, and which
     pipeline end that busiest moment is on (``first`` or ``last``; ``first`` without a pipeline).
@@ -1019,11 +1046,11 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     parts = _parts(spec)
     layers = math.ceil(spec.n_layers / lay.pp)
     T = lay.micro_batch * seq_len / lay.cp
-    act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8)
+    act_layer = layer_activation_bytes(spec, lay, stack, seq_len, fp8, capacity_factor)
     rebuilt = 0.0
     if lay.recompute == "full":
         full = lay.model_copy(update={"recompute": "none"})
-        rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8)  # one layer rebuilt in backward
+        rebuilt = layer_activation_bytes(spec, full, stack, seq_len, fp8, capacity_factor)  # rebuilt in backward
     fwd_b, bwd_b = logit_bytes(spec, stack, lay.tp)
     logit_elems = T * spec.vocab_size / lay.tp
     # the final norm's saved tensors, per token and model dimension: its bf16 input and output, and eagerly also

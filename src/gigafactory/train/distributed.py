@@ -308,7 +308,8 @@ def finish(cfg: TrainConfig, compare_plan: bool, console: Any) -> bool:
         seq_len = cfg.seq_len or spec.max_seq_len
         act = 2 if cfg.dtype == "bf16" else 4
         rows = comparison_rows(measured_bytes(Path(cfg.run_dir) / "metrics.jsonl"),
-                               predicted_bytes(spec, layout, cfg.batch_size, cfg.grad_accum, seq_len, act))
+                               predicted_bytes(spec, layout, cfg.batch_size, cfg.grad_accum, seq_len, act,
+                                               capacity_factor=cfg.moe_capacity_factor))
         console.print(f"bytes per collective per rank per step, layout {layout.short()}:", highlight=False)
         console.print(format_rows(rows), highlight=False)
     if dist.is_initialized():

@@ -12,7 +12,9 @@ What differs from a real step, and why:
 - Attention runs as a shape-only stand-in for a fused kernel (`model.attention`: under fake tensors it keeps
   what flash attention keeps, q/k/v, the output and a logsumexp per query, and no tile temporaries).
 - Expert parallelism assumes balanced routing (every rank sends each peer the same number of token copies), as
-  the planner does: the real dispatch sizes its all-to-all from routed counts, which fake tensors do not have.
+  the planner does: the real dropless dispatch sizes its all-to-all from routed counts, which fake tensors do not
+  have. With a capacity factor (``moe_capacity_factor``) nothing is assumed: the real fixed-shape dispatch
+  (`MoE.capacity_dispatch`) runs, since its sizes never depend on values, and its padded all-to-all is measured.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def _pipeline_step(par: Any, spec: ModelSpec, micro: int, grad_accum: int, seq_l
 
 
 def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
-            seq_len: int, last_stage: bool = False) -> dict[str, Any]:
+            seq_len: int, last_stage: bool = False, capacity_factor: float | None = None) -> dict[str, Any]:
     """One step of one rank at `layout` on a fake world of `world` ranks: memory by term and collective bytes.
     The rank is global rank 0, or with `last_stage` one on the last pipeline stage."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -201,12 +203,14 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
         meshes = build_meshes(layout, device.type)
         with torch.device("meta"):
             model = GrokModel(spec)
+        for moe in model.moe_layers():
+            moe.capacity_factor = capacity_factor
         # Laid out on meta (mesh bookkeeping needs real small tensors), then allocated as fake tensors.
         par = apply_layout(model, meshes, device, grad_accum, micro, seq_len, param_dtype=torch.bfloat16)
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants made outside the mode (DTensor's) are fine
         with mode, _default_dtype(torch.float32):
             materialize(par.model, spec, device, seed=0)
-            if layout.ep > 1:
+            if layout.ep > 1 and capacity_factor is None:
                 _use_balanced_dispatch(par.model, meshes.ep.get_group())
             optimizer = build_optimizer(par.model, TrainConfig())
             tracker = _tracker(_roots(par), optimizer)
@@ -239,7 +243,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
 
 
 def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int, seq_len: int,
-              gpu: str = "h100-sxm") -> dict[str, Any]:
+              gpu: str = "h100-sxm", capacity_factor: float | None = None) -> dict[str, Any]:
     """The planner's figures for the same run, with the same keys, on the pipeline stage its memory describes
     (``pp_stage``: the busier end, first or last)."""
     from gigafactory.parallel.compare import predicted_bytes
@@ -248,25 +252,29 @@ def predicted(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad
 
     micro = batch_size // grad_accum // layout.dp
     lay = layout.model_copy(update={"micro_batch": micro})
-    cost = estimate(spec, lay, Cluster.of(get_gpu(gpu), world), batch_size, seq_len, with_bytes=False)
+    cost = estimate(spec, lay, Cluster.of(get_gpu(gpu), world), batch_size, seq_len, with_bytes=False,
+                    capacity_factor=capacity_factor)
     m = cost.memory
     memory = {"params": m["weights"], "grads": m["gradients"], "optimizer": m["optimizer"],
               "activations_peak": cost.activations_peak, "total_peak": sum(m.values())}
     pp_rank = (layout.pp - 1 if cost.pp_stage == "last" else 0) if layout.pp > 1 else None
-    coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2, pp_rank=pp_rank)
+    coll = predicted_bytes(spec, layout, batch_size, grad_accum, seq_len, 2, pp_rank=pp_rank,
+                           capacity_factor=capacity_factor)
     return {"memory": memory, "collectives": {k: v for k, v in coll.items() if v}, "pp_stage": cost.pp_stage}
 
 
 def dry_run(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_accum: int,
-            seq_len: int) -> dict[str, Any]:
-    pred = predicted(spec, layout, world, batch_size, grad_accum, seq_len)
-    meas = measure(spec, layout, world, batch_size, grad_accum, seq_len, last_stage=pred["pp_stage"] == "last")
+            seq_len: int, capacity_factor: float | None = None) -> dict[str, Any]:
+    pred = predicted(spec, layout, world, batch_size, grad_accum, seq_len, capacity_factor=capacity_factor)
+    meas = measure(spec, layout, world, batch_size, grad_accum, seq_len, last_stage=pred["pp_stage"] == "last",
+                   capacity_factor=capacity_factor)
     keys = sorted(set(meas["collectives"]) | set(pred["collectives"]))
     return {
         "world_size": world,
         "layout": layout.model_dump(),
         "model": spec.name,
         "batch_size": batch_size, "grad_accum": grad_accum, "seq_len": seq_len,
+        "moe_capacity_factor": capacity_factor,
         "pp_stage": pred["pp_stage"] if layout.pp > 1 else None,
         "memory": {"measured": meas["memory"], "predicted": pred["memory"]},
         "collectives": {"measured": {k: meas["collectives"].get(k, 0.0) for k in keys},
@@ -294,7 +302,7 @@ def run_from_config(cfg: Any, plan: Path | None, world_size: int | None, json_ou
     layout = Layout.parse(cfg.layout)
     world = world_of(plan, layout, world_size)
     seq_len = cfg.seq_len or spec.max_seq_len
-    report = dry_run(spec, layout, world, cfg.batch_size, cfg.grad_accum, seq_len)
+    report = dry_run(spec, layout, world, cfg.batch_size, cfg.grad_accum, seq_len, cfg.moe_capacity_factor)
     if json_out:
         print(json.dumps(report, indent=1))
     else:
