@@ -312,7 +312,9 @@ def run_from_config(cfg: Any, plan: Path | None, world_size: int | None, json_ou
 
 def format_report(report: dict[str, Any]) -> str:
     stage = f", {report['pp_stage']} pipeline stage" if report.get("pp_stage") else ""
-    lines = [f"{report['model']} at {Layout(**report['layout']).short()} on {report['world_size']:,} ranks "
+    cap = report.get("moe_capacity_factor")
+    moe = f", MoE capacity factor {cap:g}" if cap is not None else ""
+    lines = [f"{report['model']} at {Layout(**report['layout']).short()}{moe} on {report['world_size']:,} ranks "
              f"(one rank{stage}; fake tensors, fake process group)",
              f"{'term':<18}{'measured':>16}{'predicted':>16}{'diff':>9}"]
     for section in ("memory", "collectives"):
