@@ -1038,7 +1038,8 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     The busiest moment is one of two, never both (the dry run measured each): the loss's backward (the saved
     activations of every layer, the logits' fp32 buffers) or a layer's backward (the saved activations, that
     layer's rebuilt ones under full recompute, and FSDP's copies of this layer's weights, the next layer's,
-    prefetched, and this layer's bf16 gradient, 6 bytes per parameter of a layer; then, its activations freed,
+    prefetched, this layer's bf16 gradient, 6 bytes per parameter of a layer, and the fp32 reduce-scatter input of
+    the unit reduced before it, which FSDP2 keeps until the next unit's reduction; then, its activations freed,
     the reduce-scatter of its last FSDP unit, which adds that unit's fp32 gradient buffer). The root unit (embedding,
     head) stays gathered (bf16) from its forward to the end of the backward, plus the head's bf16 gradient once
     the head's backward has run (an untied embedding's comes after the layers'). With pipeline stages the first
@@ -1064,6 +1065,12 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
     # the FSDP unit whose gradients a layer's backward reduces last, after its activations are gone: the whole
     # layer, or its dense part when the experts are a unit of their own (ep > 1)
     unit = layer if lay.ep == 1 else parts.layer_dense / lay.tp * 2 * fsdp
+    # Besides its own weights and bf16 gradient, a layer's backward holds the layer before it, prefetched, and
+    # the fp32 input of the reduce-scatter of the unit after it: FSDP2 keeps the last reduce-scatter's input
+    # until the next unit's post-backward (`reduce_scatter_max_input_buffers`, 1). A middle layer has both
+    # neighbours; with two layers each has one.
+    prefetched, held = layer, 2 * unit
+    around = prefetched + held if layers > 2 else max(prefetched, held) if layers == 2 else 0.0
     ends = [in_flight_last_stage(lay, n_micro)] + ([in_flight_microbatches(lay, n_micro)] if lay.pp > 1 else [])
     phases = []
     for i, in_flight in enumerate(ends):
@@ -1072,7 +1079,8 @@ def peak_transients(spec: ModelSpec, lay: Layout, stack: Stack, seq_len: int, n_
             phases.append({"gathered_weights": root, "activations": saved + final_norm,
                            "logits": logit_elems * bwd_b})
         grad = head_grad if i == 0 else 0.0
-        phases.append({"gathered_weights": root + grad + 3 * layer, "activations": saved + rebuilt, "logits": 0.0})
+        phases.append({"gathered_weights": root + grad + 2 * layer + around, "activations": saved + rebuilt,
+                       "logits": 0.0})
         # its reduce-scatter: FSDP2 reshards the unit, then casts its bf16 gradient into an fp32 buffer (2 + 4
         # bytes per parameter) while the next layer is already gathered (prefetched)
         phases.append({"gathered_weights": root + grad + layer + 3 * unit, "activations": saved, "logits": 0.0})

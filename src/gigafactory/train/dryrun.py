@@ -95,6 +95,20 @@ def _own_propagation_mode() -> contextlib.AbstractContextManager[Any]:
     return tracing(TracingContext(FakeTensorMode()))
 
 
+def _steady_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state as a rank holds it from its second step on: AdamW allocates its moments at its
+    first `step()`, so a first step measured as such has no optimizer state during forward and backward (grok-1
+    `dp_shard=64,tp=2,ep=4`: 1.2 GB, 8% of its peak, missing at the peak). One update on zero gradients, outside
+    the tracker, which takes the state it finds on entry as optimizer memory; gradients are then dropped as the
+    trainer drops them after every step (``zero_grad(set_to_none=True)``)."""
+    with _own_propagation_mode():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def _memory(snapshot: dict[Any, Any]) -> dict[str, float]:
     """Tracker categories → the planner's terms (bytes on this rank)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
@@ -213,6 +227,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
             if layout.ep > 1 and capacity_factor is None:
                 _use_balanced_dispatch(par.model, meshes.ep.get_group())
             optimizer = build_optimizer(par.model, TrainConfig())
+            _steady_optimizer(optimizer)
             tracker = _tracker(_roots(par), optimizer)
             counter = CommCounter()
             with _own_propagation_mode(), tracker, counter:
