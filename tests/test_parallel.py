@@ -20,7 +20,7 @@ import torch
 from gigafactory.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel_worker import SPEC, config, run  # noqa: E402
+from test_parallel_worker import EVERY, SPEC, STEPS, config, resume_copy, run  # noqa: E402
 
 WORKER = Path(__file__).with_name("test_parallel_worker.py")
 LAYOUTS = {  # name -> (layout, ranks)
@@ -43,7 +43,7 @@ LAYOUTS = {  # name -> (layout, ranks)
     "fsdp4_ep2_tp2": ("dp_shard=4,ep=2,tp=2", 8),
     "pp2_cp2_fsdp2": ("pp=2,cp=2,dp_shard=2", 8),
 }
-# Resumed at step 3 from another layout's checkpoint: name -> (source run, layout, ranks)
+# Resumed at step EVERY from another layout's checkpoint: name -> (source run, layout, ranks)
 RESUMES = {
     "fsdp2_then_fsdp2_tp2": ("fsdp2", "dp_shard=2,tp=2", 4),
     "pp2_tp2_then_fsdp4": ("pp2_tp2", "dp_shard=4", 4),
@@ -63,25 +63,17 @@ def _copy_prepared(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _resume_copy(root: Path, src: str, dst: str) -> Path:
-    """`src`'s run directory cut back to its step-3 checkpoint (as if it stopped there)."""
-    path = root / dst
-    shutil.copytree(root / src, path)
-    shutil.rmtree(path / "ckpt" / "step_000005")
-    return path
-
-
-def _launch(root: Path, jobs: dict[str, tuple[Path, str, bool]], nproc: int) -> dict[str, dict]:
-    """One torchrun job running every (run_dir, layout, resume) in `jobs` in turn."""
+def _launch(root: Path, jobs: dict[str, tuple[Path, str, bool, str]], nproc: int) -> dict[str, dict]:
+    """One torchrun job running every (run_dir, layout, resume, source run or "") in `jobs` in turn."""
     spec = [[str(d), lay, str(root / f"{name}.out"), "resume" if res else "fresh", "bf16" if name in BF16 else "fp32",
-             CAPACITY.get(name)] for name, (d, lay, res) in jobs.items()]
+             CAPACITY.get(name), src] for name, (d, lay, res, src) in jobs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(WORKER),
            json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{list(jobs)} failed:\n{proc.stderr[-4000:]}"
     out = {}
-    for name, (d, _, _) in jobs.items():
+    for name, (d, _, _, _) in jobs.items():
         losses: list[float] = []
         grads: dict[str, torch.Tensor] = {}
         for r in range(nproc):
@@ -94,20 +86,25 @@ def _launch(root: Path, jobs: dict[str, tuple[Path, str, bool]], nproc: int) -> 
 
 class _Runs(dict):
     """Runs launched on first use, all layouts of one world size in one job (so a `-k` selection starts only
-    the jobs it needs)."""
+    the jobs it needs). A job also runs the resumes of its world size whose source runs are done or in it."""
 
     def __missing__(self, name: str) -> dict:
         root = self["root"]
         if name in RESUMES:
-            nproc = RESUMES[name][2]
-            group = {n: r for n, r in RESUMES.items() if r[2] == nproc and n not in self}
-            for src, _, _ in group.values():
-                self[src]  # the source runs first
-            todo = {n: (_resume_copy(root, src, n), lay, True) for n, (src, lay, _) in group.items()}
+            src, lay, nproc = RESUMES[name]
+            self[src]  # the source run first; its job may have run this resume too
+            if name in self:
+                return self[name]
+            todo = {name: (resume_copy(root / src, root / name), lay, True, "")}
         else:
             nproc = {**LAYOUTS, **BF16}[name][1]
-            todo = {n: (_copy_prepared(root / "single", root / n), lay, False)
+            todo = {n: (_copy_prepared(root / "single", root / n), lay, False, "")
                     for n, (lay, k) in {**LAYOUTS, **BF16}.items() if k == nproc and n not in self}
+            for n, (src, lay, k) in RESUMES.items():  # after the fresh runs: a source in this job is done by then
+                if k == nproc and n not in self and src in self:
+                    todo[n] = (resume_copy(root / src, root / n), lay, True, "")
+                elif k == nproc and n not in self and src in todo:
+                    todo[n] = (root / n, lay, True, str(root / src))  # the worker copies it once it is trained
         self.update(_launch(root, todo, nproc))
         return self[name]
 
@@ -127,7 +124,7 @@ def _rel(a: float, b: float) -> float:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_losses_and_gradients_match_one_process(runs: dict, name: str) -> None:
     ref, got = runs["single"], runs[name]
-    assert len(got["losses"]) == 5
+    assert len(got["losses"]) == STEPS
     assert set(got["grads"]) == set(ref["grads"])
     loss_err = [_rel(a, b) for a, b in zip(got["losses"], ref["losses"], strict=True)]
     grad_err = {}
@@ -145,16 +142,16 @@ def test_losses_and_gradients_match_one_process(runs: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", list(RESUMES))
 def test_checkpoint_reshards_across_layouts(runs: dict, name: str) -> None:
-    got, ref = runs[name]["losses"], runs["single"]["losses"][3:]
-    assert len(got) == 2
+    got, ref = runs[name]["losses"], runs["single"]["losses"][EVERY:]
+    assert len(got) == STEPS - EVERY == 2
     for a, b in zip(got, ref, strict=True):
         assert _rel(a, b) <= REL, (name, got, ref)
 
 
 def test_checkpoint_reshards_pipeline_tp_to_one_process(runs: dict) -> None:
     runs["pp2_tp2"]
-    got = run(str(_resume_copy(runs["root"], "pp2_tp2", "pp2_tp2_then_single")), None, resume=True)
-    for a, b in zip(got["losses"], runs["single"]["losses"][3:], strict=True):
+    got = run(str(resume_copy(runs["root"] / "pp2_tp2", runs["root"] / "pp2_tp2_then_single")), None, resume=True)
+    for a, b in zip(got["losses"], runs["single"]["losses"][EVERY:], strict=True):
         assert _rel(a, b) <= REL
 
 
