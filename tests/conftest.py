@@ -27,6 +27,31 @@ def cli():
     return run_cli
 
 
+@pytest.fixture
+def cli_here(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """`gigafactory ARGS` through gigafactory.cli.main in this process, for user errors (no interpreter and torch
+    start-up per call; each command keeps one `cli` call in a fresh process): (exit code, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, str, str]:
+        from gigafactory.cli import main
+
+        monkeypatch.setattr(sys, "argv", ["gigafactory", *args])
+        capsys.readouterr()
+        env = dict(os.environ)  # commands may set variables for their own process (train: OMP_WAIT_POLICY)
+        try:
+            main()
+            code = 0
+        except SystemExit as ex:
+            code = int(ex.code or 0)
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One small local Ray instance for the whole test session (2 CPUs), shut down at the end."""
