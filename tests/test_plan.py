@@ -191,6 +191,27 @@ def test_permutation_bytes_by_hand() -> None:
     assert permutation_bytes(dense, MODERN, ep=1, local_experts=1) == (0.0, 0.0)
 
 
+
+def test_capacity_factor_counts_every_padded_expert_slot() -> None:
+    """With a MoE capacity factor f each rank dispatches n_experts · C rows, C = ⌈f · tokens · top_k / n_experts⌉
+    (by hand here), instead of top_k per token: in the all-to-all, the permutation and the saved activations."""
+    from gigafactory.plan.costmodel import layer_activation_bytes, permutation_bytes
+
+    g = PRESETS["grok-1"]
+    k, h, seq, f = g.top_k, g.d_model, 4096, 1.3
+    lay = Layout(dp_shard=8, ep=8)
+    cap = math.ceil(f * seq * k / g.n_experts)  # 1,332 slots per expert for 4,096 tokens
+    rows = g.n_experts * cap / seq  # per token: 2.6 instead of top_k = 2
+    dropless = collective_bytes(g, lay, 8, seq)["all_to_all"]
+    assert collective_bytes(g, lay, 8, seq, capacity_factor=f)["all_to_all"] == pytest.approx(dropless * rows / k)
+    (fwd, bwd), (fwd_c, bwd_c) = (permutation_bytes(g, MODERN, 8, 1, r) for r in (None, rows))
+    assert fwd_c - fwd == pytest.approx(7 * 2 * h * (rows - k))  # eager: 7 touches per copy forward, 9 backward
+    assert bwd_c - bwd == pytest.approx(9 * 2 * h * (rows - k))
+    # eager PyTorch keeps, per routed row, its bf16 input and 8 bytes per expert-FFN element
+    extra = layer_activation_bytes(g, lay, MODERN, seq, capacity_factor=f) - layer_activation_bytes(g, lay, MODERN, seq)
+    assert extra == pytest.approx(seq * (rows - k) * (2 * h + 8 * g.expert_ffn))
+
+
 MORE_CSV = CSV.with_name("more_runs.csv")  # "check" rows: predicted only, never used to choose a constant
 
 
