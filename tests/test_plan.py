@@ -424,6 +424,22 @@ def test_cli_plan_json_report_and_launch_files(tmp_path, capsys, monkeypatch) ->
     assert "kind: PyTorchJob" in (tmp_path / "launch" / "pytorchjob.yaml").read_text()
 
 
+def test_plan_cli_moe_capacity_factor_reaches_the_bytes_and_the_training_plan(capsys, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """`plan --moe-capacity-factor f` costs the padded dispatch and exports f for `train --plan` to use."""
+    from gigafactory.train.distributed import read_plan
+
+    args = ("plan", "--model", "grok-1", "--gpus", "512", "--layout", "dp_shard=512,ep=8,recompute=full", "--json")
+    code, dropless, err = _main(capsys, monkeypatch, *args)
+    assert code == 0, err
+    code, padded, err = _main(capsys, monkeypatch, *args, "--moe-capacity-factor", "2", "--export", str(tmp_path))
+    assert code == 0, err
+    a2a = [json.loads(o)["best"]["collective_bytes_per_rank_per_step"]["all_to_all"] for o in (dropless, padded)]
+    assert a2a[1] == pytest.approx(2 * a2a[0])  # C = 2·tokens·top_k/n_experts exactly at these sizes
+    assert read_plan(tmp_path / "plan.json")["moe_capacity_factor"] == 2
+    code, _, err = _main(capsys, monkeypatch, *args, "--moe-capacity-factor", "0")
+    assert code != 0 and "--moe-capacity-factor" in err and len(err.strip().splitlines()) == 1
+
+
 def test_validate_plan_cli_json() -> None:
     r = _cli("validate-plan", str(CSV), "--json")
     assert r.returncode == 0, r.stderr

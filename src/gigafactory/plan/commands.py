@@ -67,16 +67,24 @@ def _no_fit_message(spec_name: str, res: SearchResult, run: Any) -> str:
             f"leanest ({leanest}) needs {need:.0f} GB per GPU: use GPUs with ≥ {need:.0f} GB{more}")
 
 
+def _train_help(option: str) -> str:
+    """A training option's help, from its one definition in `TrainConfig` (pydantic, no torch)."""
+    from gigafactory.train.config import TrainConfig
+
+    return TrainConfig.model_fields[option].description or ""
+
+
 class _Runner:
     def __init__(self, spec: Any, gpu: hardware.GPUSpec, n: int, fabric: str, batch: float, seq: int,
-                 stack: Any, rank: str, fp8: bool = False) -> None:
+                 stack: Any, rank: str, fp8: bool = False, capacity_factor: float | None = None) -> None:
         self.spec, self.gpu, self.n, self.fabric = spec, gpu, n, fabric
         self.batch, self.seq, self.stack, self.rank, self.fp8 = batch, seq, stack, rank, fp8
+        self.capacity_factor = capacity_factor
 
     def __call__(self, factor: int = 1, n: int | None = None) -> SearchResult:
         count = n if n is not None else self.n * factor
         return search(self.spec, Cluster.of(self.gpu, count, self.fabric), self.batch, self.seq, self.stack,
-                      rank_by=self.rank, fp8=self.fp8)  # type: ignore[arg-type]
+                      rank_by=self.rank, fp8=self.fp8, capacity_factor=self.capacity_factor)  # type: ignore[arg-type]
 
 
 def plan(
@@ -102,6 +110,7 @@ def plan(
     stack: str = typer.Option("modern", help=f"software stack assumptions: {', '.join(STACKS)}"),
     precision: str = typer.Option("bf16", help="bf16, or fp8 (Transformer Engine FP8 GEMMs, the rest bf16; MFU "
                                   "stays relative to the BF16 peak)"),
+    moe_capacity_factor: float | None = typer.Option(None, help=_train_help("moe_capacity_factor")),
     checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, min=0, help="blocking seconds per checkpoint"),
     restart_s: float = typer.Option(DEFAULT_RESTART_S, min=0, help="seconds to detect a failure and restart"),
     catalog: Path | None = typer.Option(None, help="TOML/JSON file overriding hardware/site values"),
@@ -118,6 +127,8 @@ def plan(
         raise UserError(f"unknown --stack {stack!r}; use {', '.join(STACKS)}")
     if precision not in ("bf16", "fp8"):
         raise UserError(f"--precision {precision!r}: use bf16 or fp8")
+    if moe_capacity_factor is not None and moe_capacity_factor <= 0:
+        raise UserError(f"--moe-capacity-factor {moe_capacity_factor}: use a positive factor, or none (dropless)")
     spec = load_spec(model)
     g = hardware.get_gpu(gpu)
     hardware.get_fabric(fabric)
@@ -130,7 +141,7 @@ def plan(
     fp8 = precision == "fp8"
     if fp8 and not g.fp8_dense_flops:
         raise UserError(f"--precision fp8: {g.name} has no FP8 tensor cores; use bf16 or an H100/H200/B200")
-    run = _Runner(spec, g, gpus or 100_000, fabric, batch, seq_len, st, rank, fp8)
+    run = _Runner(spec, g, gpus or 100_000, fabric, batch, seq_len, st, rank, fp8, moe_capacity_factor)
     sized = _size_fleet(run, gpus, power, budget, lease_budget, deadline, n_tokens, site, checkpoint_s, restart_s,
                         layout)
     gpus = run.n
@@ -141,7 +152,8 @@ def plan(
         lay = Layout.parse(layout).validate(spec, gpus, cluster.gpus_per_node)
         seqs = max(1, round(batch / seq_len))
         unit = lay.dp * lay.micro_batch
-        best = estimate(spec, lay, cluster, -(-seqs // unit) * unit, seq_len, st, fp8=fp8)
+        best = estimate(spec, lay, cluster, -(-seqs // unit) * unit, seq_len, st, fp8=fp8,
+                        capacity_factor=moe_capacity_factor)
         if not best.fits:
             raise UserError(f"layout {lay.short()} needs {best.memory_total / 1e9:.0f} GB per GPU but "
                             f"{g.name} has {best.memory_capacity / 1e9:.0f} GB usable; raise dp_shard/tp/pp or "
@@ -159,6 +171,7 @@ def plan(
     out: dict[str, Any] = {
         "model": spec.name, "params_total": spec.params_total, "params_active": spec.params_active,
         "gpu": g.name, "n_gpus": gpus, "fabric": fabric, "stack": st.name, "precision": precision,
+        "moe_capacity_factor": moe_capacity_factor,
         "tokens": n_tokens,
         "target_global_batch_tokens": batch,
         "best": best.to_dict(), "campaign": camp.to_dict(),
@@ -173,7 +186,7 @@ def plan(
     if export:
         from gigafactory.plan.launch import train_config, write_launch_files
 
-        written = write_launch_files(export, train_config(spec, best, g, gpus, n_tokens, camp))
+        written = write_launch_files(export, train_config(spec, best, g, gpus, n_tokens, camp, moe_capacity_factor))
         out["launch_files"] = [str(p) for p in written]
     if report:
         _write_report(report, spec, g, run, best, camp, why, out)

@@ -19,7 +19,7 @@ from gigafactory.specs.model_spec import PRESETS, ModelSpec
 
 
 def train_config(spec: ModelSpec, cost: StepCost, gpu: GPUSpec, n_gpus: int, tokens: float,
-                 camp: Campaign | None = None) -> dict[str, Any]:
+                 camp: Campaign | None = None, moe_capacity_factor: float | None = None) -> dict[str, Any]:
     steps = math.ceil(tokens / (cost.global_batch_seqs * cost.seq_len))
     return {
         "format": "gigafactory-plan/1",
@@ -30,6 +30,7 @@ def train_config(spec: ModelSpec, cost: StepCost, gpu: GPUSpec, n_gpus: int, tok
         "global_batch_seqs": cost.global_batch_seqs,
         "micro_batch": cost.layout.micro_batch,
         "grad_accum_steps": cost.n_micro,
+        "moe_capacity_factor": moe_capacity_factor,
         "steps": steps,
         "tokens": tokens,
         "gpu": gpu.name,

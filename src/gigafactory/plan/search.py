@@ -127,9 +127,11 @@ def search(
     top: int = 5,
     progress: Callable[[int], None] | None = None,
     fp8: bool = False,
+    capacity_factor: float | None = None,
 ) -> SearchResult:
     """Evaluate every layout; keep those that fit; rank by step time per token (or $ per token). ``fp8``: GEMMs
-    in FP8 where Transformer Engine runs them (`costmodel._gemm_time`).
+    in FP8 where Transformer Engine runs them (`costmodel._gemm_time`). ``capacity_factor``: the trainer's MoE
+    capacity factor (None: dropless).
 
     The global batch is a target: each layout rounds it up to a multiple of dp × micro_batch (× pp for the
     interleaved schedule) and is dropped when that exceeds ``max_batch_factor`` × the target, since a batch
@@ -161,7 +163,8 @@ def search(
                 evaluated += 1
                 if progress and evaluated % 256 == 0:
                     progress(256)
-                cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False, fp8=fp8)
+                cost = estimate(spec, lay, cluster, gbs, seq_len, stack, with_bytes=False, fp8=fp8,
+                                capacity_factor=capacity_factor)
                 if leanest is None or cost.memory_total < leanest.memory_total:
                     leanest = cost
                 if cost.fits:
@@ -177,7 +180,8 @@ def search(
     if ranked:
         result.why = explain(ranked)
         # recompute the per-collective byte counts only for the layouts we show
-        result.ranked = [estimate(spec, c.layout, cluster, c.global_batch_seqs, seq_len, stack, fp8=fp8)
+        result.ranked = [estimate(spec, c.layout, cluster, c.global_batch_seqs, seq_len, stack, fp8=fp8,
+                                  capacity_factor=capacity_factor)
                          for c in ranked[:top]] + ranked[top:]
     return result
 

@@ -54,8 +54,8 @@ def read_plan(path: Path) -> dict[str, Any]:
     if plan.get("model") and plan["model"] != "custom":
         out["model"] = plan["model"]
     for key, field in (("steps", "steps"), ("global_batch_seqs", "batch_size"), ("grad_accum_steps", "grad_accum"),
-                       ("seq_len", "seq_len")):
-        if key in plan:
+                       ("seq_len", "seq_len"), ("moe_capacity_factor", "moe_capacity_factor")):
+        if plan.get(key) is not None:
             out[field] = plan[key]
     return out
 
