@@ -29,7 +29,8 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root + ip"),
 ]
 
-STEPS, EVERY, BATCH = 40, 4, 8
+# 28 steps: host b restarts after ~10 and has rejoined 2-3 steps later; the 18 left (>= 9 s) are its margin
+STEPS, EVERY, BATCH = 28, 4, 8
 SLOW_MS = 500  # host a: each step takes at least this long, so host b can rejoin while the job still runs
 TRAIN = ["--model", "tiny", "--batch-size", str(BATCH), "--seq-len", "32", "--dtype", "fp32", "--warmup-steps", "2",
          "--eval-every", "1000", "--checkpoint-every", str(EVERY), "--steps", str(STEPS), "--auto-resume",

@@ -241,7 +241,7 @@ def test_wrong_layouts_fail_before_any_process_group_work(
     assert not dist.is_initialized()
 
 
-def test_cli_wrong_layout_is_one_line(cli, tmp_path: Path) -> None:  # noqa: ANN001
-    proc = cli("train", "--model", "tiny", "--run-dir", str(tmp_path / "r"), "--layout", "tp=3")
-    assert proc.returncode == 2
-    assert "not the 1 GPUs" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_wrong_layout_is_one_line(cli_here, tmp_path: Path) -> None:  # noqa: ANN001
+    code, _, err = cli_here("train", "--model", "tiny", "--run-dir", str(tmp_path / "r"), "--layout", "tp=3")
+    assert code == 2
+    assert "not the 1 GPUs" in err and "Traceback" not in err
