@@ -32,6 +32,7 @@ LAYOUTS = {  # name -> (layout, ranks)
     "pp2_interleaved": ("pp=2,pp_schedule=interleaved,pp_virtual=2", 2),
     "pp2_zero_bubble": ("pp=2,pp_schedule=zero_bubble", 2),
     "cp2": ("cp=2", 2),
+    "zero1": ("dp_replicate=2", 2),  # a distributed optimizer: FSDP2 over dp_replicate, gathered once per step
     "fsdp2_tp2": ("dp_shard=2,tp=2", 4),
     "fsdp2_ep2": ("dp_shard=4,ep=2", 4),  # experts: ep=2 × FSDP over the other 2 of dp_shard
     "hsdp": ("dp_replicate=2,dp_shard=2", 4),

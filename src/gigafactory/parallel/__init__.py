@@ -51,9 +51,20 @@ class Parallelized:
         """Gradient accumulation under FSDP: reduce-scatter after every micro-batch (the sharded fp32 gradients
         accumulate) and skip only HSDP's all-reduce over dp_replicate until the last one. Skipping the
         reduce-scatter instead would keep every layer's unsharded fp32 gradient until the last micro-batch: the
-        dry run measured 22 GB per rank for grok-1 with 2 of its 64 layers."""
-        if self.fsdp_units:
-            self.fsdp_units[-1].set_requires_all_reduce(sync, recurse=True)
+        dry run measured 22 GB per rank for grok-1 with 2 of its 64 layers.
+
+        A distributed optimizer (`Layout.dp_mode` ``zero1``) is the other way round: the parameters stay gathered
+        and the unsharded gradients accumulate (in fp32 under bf16 mixed precision: FSDP2 upcasts them to its
+        reduce dtype) until the last micro-batch, which reduce-scatters them once. (A pipeline schedule does the
+        same by itself for the FSDP stages it runs.)"""
+        if not self.fsdp_units:
+            return
+        root = self.fsdp_units[-1]
+        if self.meshes.layout.dp_mode == "zero1":
+            root.set_requires_gradient_sync(sync, recurse=True)
+            root.set_reshard_after_backward(sync, recurse=True)
+        else:
+            root.set_requires_all_reduce(sync, recurse=True)
 
     def clip_grad_norm_(self, max_norm: float, counter: CommCounter | None = None) -> float:
         """Sum the gradients still partial over tp (whole experts under tp × ep: once per step, not per
@@ -167,10 +178,9 @@ def _apply_styles(model: GrokModel, meshes: Meshes, device: torch.device, param_
         apply_tp(model, meshes.tp, experts_whole=lay.ep > 1)
     experts: list[nn.Module] = []
     if lay.ep > 1:
-        expert_fsdp = lay.dp_shard // lay.ep * lay.dp_replicate > 1
-        experts = apply_ep(model, meshes.ep, grad_scale=1.0 if expert_fsdp else 1 / lay.ep)
+        experts = apply_ep(model, meshes.ep, grad_scale=1.0 if lay.expert_fsdp else 1 / lay.ep)
     apply_recompute(model, lay.recompute)
     units: list[FSDPModule] = []
-    if lay.dp_shard * lay.dp_replicate * lay.cp > 1:
+    if lay.dp_mode != "none":
         units = apply_fsdp(model, meshes, force_sum=device.type == "cpu", param_dtype=param_dtype)
     return units, experts if lay.tp > 1 else []

@@ -4,6 +4,11 @@ Each block is one FSDP unit (its parameters are gathered just before it runs and
 embedding and the final norm. Experts under expert parallelism are their own unit over ``efsdp``: their ``ep``
 split is already a DTensor dimension, and FSDP shards the rest.
 
+With dp_shard·cp = 1 and dp_replicate > 1 (`Layout.dp_mode` ``zero1``) FSDP2 over dp_replicate, with parameters
+kept gathered from the first forward to the last backward of a step, is a distributed optimizer (ZeRO-1, as
+Megatron-LM's): bf16 weights and fp32 gradients whole through the step, fp32 master weights and Adam state
+sharded, one gather and one reduce-scatter per step.
+
 Gradient reduction is pinned down explicitly rather than left to defaults: sums on the wire with one division by
 the data-parallel size afterwards. On gloo the averaging path has silently produced wrong gradients in some
 releases; the multi-process tests compare gradients with a single process to catch any such regression.
@@ -88,7 +93,11 @@ def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
     lay = meshes.layout
     dp = lay.dp_replicate * lay.dp_shard * lay.cp  # cp ranks each scored their own part of the tokens
     units: list[FSDPModule] = []
-    expert_fsdp = lay.ep > 1 and lay.dp_shard // lay.ep * lay.dp_replicate > 1
+    expert_fsdp = lay.expert_fsdp
+    # zero1: parameters gathered once per step and kept through every micro-batch's backward (`Parallelized.
+    # set_gradient_sync` keeps them and the unsharded gradients until the last one), only the fp32 master
+    # weights and the optimizer state sharded
+    keep = {"reshard_after_forward": False} if lay.dp_mode == "zero1" else {}
     expert_params: set[nn.Parameter] = set()
     for block in model.layers.values():
         if lay.ep > 1:
@@ -105,8 +114,8 @@ def apply_fsdp(model: GrokModel, meshes: Meshes, force_sum: bool,
         if lay.ep == 1:
             flatten_experts(block.moe.experts, dense_mesh.shape[-1])  # type: ignore[union-attr,arg-type]
         units.append(fully_shard(block, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp,
-                                 shard_placement_fn=expert_shard_dims(model, dense_mesh.shape[-1])))
-    units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp))
+                                 shard_placement_fn=expert_shard_dims(model, dense_mesh.shape[-1]), **keep))
+    units.append(fully_shard(model, mesh=dense_mesh, ignored_params=expert_params or None, mp_policy=mp, **keep))
     for unit in units:
         unit.set_gradient_divide_factor(float(dp))
         if force_sum:

@@ -62,8 +62,11 @@ class Meshes:
     def fsdp(self, experts: bool = False) -> DeviceMesh:
         """The mesh FSDP shards over: (dp_replicate, dp_shard·cp) for dense weights (they are replicated over
         cp, so FSDP also sums their gradients over cp), (dp_replicate, efsdp) for experts; 2-D (HSDP) only when
-        dp_replicate > 1."""
+        dp_replicate > 1. Under ``Layout.dp_mode == "zero1"`` (dp_shard·cp = 1) the dense weights are sharded
+        over dp_replicate (a distributed optimizer, `fsdp.apply_fsdp`)."""
         shard = "efsdp" if experts else "dp_shard_cp"
+        if self.layout.dp_mode == "zero1" and not experts:
+            return self.world["dp_replicate"]
         if self.layout.dp_replicate > 1:
             return self.world["dp_replicate", shard]
         return self.world[shard]

@@ -655,6 +655,7 @@ def collective_bytes(
     router_grads_over_tp: bool = False,
     pp_rank: int | None = None,
     capacity_factor: float | None = None,
+    distributed_optimizer: bool = True,
 ) -> dict[str, float]:
     """Payload bytes per rank per optimizer step of each collective (see docs/plan.md for the convention).
 
@@ -663,7 +664,10 @@ def collective_bytes(
     parameters are gathered in forward and again in backward when ``reshard_after_forward`` (one gather per
     micro-batch otherwise, and always for the root unit's embedding/head, which FSDP2 does not reshard);
     gradients are reduce-scattered after every micro-batch (once per step under a pipeline schedule) in
-    ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate once per step. Figures are
+    ``grad_bytes`` precision; HSDP all-reduces the sharded gradient over dp_replicate once per step. Replicated
+    data parallelism (`Layout.dp_mode` ``zero1``) with a ``distributed_optimizer``: the parameters are gathered
+    and the gradients reduce-scattered over dp_replicate once per step; without, the gradients are all-reduced.
+    Figures are
     for the busiest rank
     (a middle pipeline stage holding the largest share of layers). Under tensor parallelism the weights every tp
     rank holds whole (norms) see only this rank's sequence slice, so their gradients are all-reduced over tp in
@@ -706,6 +710,9 @@ def collective_bytes(
         out["reduce_scatter"] += (1 if lay.pp > 1 else n_micro) * gathered * grad_bytes
         if lay.dp_replicate > 1:
             out["all_reduce"] += (dense_local / shard + expert_local / max(exp_shard, 1)) * grad_bytes
+    elif lay.dp_mode == "zero1" and distributed_optimizer:
+        out["all_gather"] += (dense_local + expert_local) * dtype_bytes
+        out["reduce_scatter"] += (dense_local + expert_local) * grad_bytes
     elif lay.dp_replicate > 1:
         out["all_reduce"] += (dense_local + expert_local) * grad_bytes
     T = lay.micro_batch * seq_len / lay.cp
@@ -766,7 +773,9 @@ def collective_bytes(
         ends = 2 / lay.pp if pp_rank is None else float(pp_rank == 0) + float(pp_rank == lay.pp - 1)
         out["send_recv"] += n_micro * (2 * lay.pp_virtual - ends) * boundary
         if spec.tie_embeddings:  # the first and last stage sum their embedding copies' gradient shards
-            out["all_reduce"] += ends * parts.embed / emb_tp / max(1, shard) * grad_bytes
+            zero1 = lay.dp_mode == "zero1" and distributed_optimizer  # sharded over dp_replicate
+            out["all_reduce"] += ends * parts.embed / emb_tp / (lay.dp_replicate if zero1 else max(1, shard)) * \
+                grad_bytes
     return {k: v for k, v in out.items() if v}
 
 
@@ -941,16 +950,19 @@ def estimate(
     dp_in_node = max(1, per_node // tp_in)
     exp_shard = max(1, shard // lay.ep)
     layer_mb_t = (lt.fwd, lt.bwd + lt.recompute)  # compute a layer's transfer can hide behind, fwd and bwd
+    zero1 = stack.fsdp and stack.distributed_optimizer and lay.dp_mode == "zero1"
     if stack.fsdp:
         fsdp = _fsdp_comm(parts, lay, cluster, stack, shard, exp_shard, dp_in_node, layers_local, embed_stage)
-        comm["fsdp_gather"] = n_micro * fsdp["gather_mb"]
+        # zero1: gathered once per step (the first micro-batch's forward) and kept through every backward
+        gathering = 1 if zero1 else n_micro
+        comm["fsdp_gather"] = gathering * fsdp["gather_mb"]
         comm["dp_grads"] = fsdp["grads"]
         ov = stack.dp_overlap
         fwd_exp = _chain_exposed(fsdp["gather_layer"], layer_mb_t[0], layers_local, ov)
-        bwd_gather = fsdp["gather_layer"] if stack.reshard_after_forward else 0.0
+        bwd_gather = fsdp["gather_layer"] if stack.reshard_after_forward and not zero1 else 0.0
         bwd_exp = _chain_exposed(bwd_gather, layer_mb_t[1], layers_local, ov)
         last_bwd = _chain_exposed(bwd_gather + fsdp["grads_layer"], layer_mb_t[1], layers_local, ov)
-        exposed["fsdp_gather"] = n_micro * (fwd_exp + fsdp["root"]) + (n_micro - 1) * bwd_exp
+        exposed["fsdp_gather"] = gathering * (fwd_exp + fsdp["root"]) + (n_micro - 1) * bwd_exp
         exposed["dp_grads"] = last_bwd
         if lay.pp == 1 and n_micro > 1:  # the earlier micro-batches reduce-scatter too, behind their backward
             comm["dp_grads"] += (n_micro - 1) * fsdp["rs"]
@@ -974,7 +986,7 @@ def estimate(
         exposed["dp_grads"] += etp_t  # after the last backward, before the optimizer
 
     # ---- optimizer: Adam streams fp32 master, grads, m, v (read 16 B, write 12 B) + bf16 copy (2 B)
-    dist_opt = (not stack.fsdp or shard == 1) and stack.distributed_optimizer
+    dist_opt = zero1 or (not stack.fsdp and stack.distributed_optimizer)
     opt_shard = (lay.dp_replicate * (1 if stack.fsdp else shard)) if dist_opt else 1
     fsdp_shard = shard if stack.fsdp else 1
     fsdp_exp_shard = exp_shard if stack.fsdp else 1
@@ -1000,6 +1012,18 @@ def estimate(
     mem = {k: dense_local * v for k, v in state_split(fsdp_shard, opt_shard).items()}
     for k, v in state_split(fsdp_exp_shard, max(1, opt_exp_shard)).items():
         mem[k] += expert_local * v
+    if zero1 and n_micro == 1 and lay.pp == 1:
+        # FSDP2 reduce-scatters each unit's gradient as soon as its backward has made it: without micro-batches
+        # to accumulate over, no whole fp32 gradient is ever held (Megatron's main-grad buffer always is)
+        mem["gradients"] = local_params * stack.grad_reduce_bytes / opt_shard
+    elif zero1 and lay.pp_schedule == "interleaved" and lay.pp_virtual > 1 and n_micro <= lay.pp:
+        # torch's interleaved schedule runs micro-batches in rounds of pp, one stage's whole round at a time: with
+        # one round, a stage (an FSDP root) has run all its backwards, and reduce-scattered, before the next
+        # stage's first. One stage's whole fp32 gradient is held at a time, beside the shards of those done: at
+        # most the stage with the embedding (the first pipeline rank's, done last), as the dry run measured.
+        layer_local = parts.layer_dense / lay.tp + parts.layer_expert / (etp * lay.ep)
+        chunk = layers_local / lay.pp_virtual * layer_local + embed_stage / lay.tp
+        mem["gradients"] = (chunk + (local_params - chunk) / opt_shard) * stack.grad_reduce_bytes
     transient, act_peak, pp_stage = peak_transients(spec, lay, stack, seq_len, n_micro, fsdp_shard > 1, fp8,
                                                     capacity_factor)
     mem.update(transient)
@@ -1010,7 +1034,8 @@ def estimate(
     cb = collective_bytes(spec, lay, n_micro * dp * lay.micro_batch, seq_len,
                           grad_bytes=stack.grad_reduce_bytes, reshard_after_forward=stack.reshard_after_forward,
                           sequence_parallel=stack.sequence_parallel,
-                          capacity_factor=capacity_factor) if with_bytes else {}
+                          capacity_factor=capacity_factor,
+                          distributed_optimizer=stack.distributed_optimizer) if with_bytes else {}
     return StepCost(
         layout=lay, global_batch_seqs=n_micro * dp * lay.micro_batch, seq_len=seq_len, n_micro=n_micro,
         step_time_s=step, compute_s=compute_s, bubble_s=bubble_s, exposed_comm_s=exposed, comm_s=comm,
@@ -1096,7 +1121,9 @@ def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard
                dp_in_node: int, layers: int, embed_stage: int) -> dict[str, float]:
     """FSDP2 calls per layer (one FSDP unit per layer): the bf16 gather of a layer's dense and expert shards, the
     fp32 reduce-scatter of its gradients (+ the HSDP all-reduce over dp_replicate, once per step), and the root
-    unit's gather. ``rs``: the reduce-scatters alone, which every micro-batch runs."""
+    unit's gather. ``rs``: the reduce-scatters alone, which every micro-batch runs. A distributed optimizer
+    (`Layout.dp_mode` ``zero1``): the bf16 gather and the fp32 reduce-scatter of each layer over dp_replicate,
+    once per step (the caller counts the gather once)."""
     t = lay.tp
     inner = min(t, cluster.gpus_per_node)
     in_node = min(shard, dp_in_node)
@@ -1105,6 +1132,15 @@ def _fsdp_comm(parts: _Parts, lay: Layout, cluster: Cluster, stack: Stack, shard
     gb = stack.grad_reduce_bytes
     gather = 0.0
     rs = 0.0
+    if lay.dp_mode == "zero1" and stack.distributed_optimizer:
+        n, in_node = lay.dp_replicate, min(lay.dp_replicate, dp_in_node)
+        gather = collective_time("all_gather", (dense_l + expert_l) * 2, n, in_node, cluster, inner)
+        grads = collective_time("reduce_scatter", (dense_l + expert_l) * gb, n, in_node, cluster, inner)
+        root = embed_stage / t
+        root_t = collective_time("all_gather", root * 2, n, in_node, cluster, inner)
+        root_rs = collective_time("reduce_scatter", root * gb, n, in_node, cluster, inner)
+        return {"gather_layer": gather, "grads_layer": grads, "root": root_t, "rs_layer": 0.0,
+                "gather_mb": layers * gather + root_t, "grads": layers * grads + root_rs, "rs": 0.0}
     if shard > 1:
         gather = collective_time("all_gather", dense_l * 2, shard, in_node, cluster, inner)
         gather += collective_time("all_gather", expert_l * 2, exp_shard, exp_in, cluster, inner * lay.ep)

@@ -18,6 +18,8 @@ from gigafactory.errors import UserError
 if TYPE_CHECKING:
     from gigafactory.specs.model_spec import ModelSpec
 
+DPMode = Literal["none", "zero1", "fsdp", "hsdp"]
+
 _INT_FIELDS = ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp", "micro_batch", "pp_virtual")
 
 
@@ -43,6 +45,27 @@ class Layout(BaseModel):
     def dp(self) -> int:
         """Data-parallel degree (batch split): replicate × shard."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_mode(self) -> DPMode:
+        """How data parallelism holds the training state, decided here once for the trainer (`parallel.fsdp`)
+        and the planner (`plan.costmodel`): dense weights are sharded over dp_shard·cp.
+
+        ``fsdp``: FSDP2 over dp_shard·cp (ZeRO-3: parameters gathered per layer, gradients reduce-scattered).
+        ``hsdp``: the same, replicated over dp_replicate (gradient shards all-reduced over it once per step).
+        ``zero1``: dp_shard·cp = 1 and dp_replicate > 1: a distributed optimizer (Megatron's, ZeRO-1): fp32
+        master weights and Adam state sharded over dp_replicate, bf16 weights and fp32 gradients whole on every
+        rank through the step; parameters gathered and gradients reduce-scattered once per step.
+        ``none``: one data-parallel rank."""
+        if self.dp_shard * self.cp > 1:
+            return "hsdp" if self.dp_replicate > 1 else "fsdp"
+        return "zero1" if self.dp_replicate > 1 else "none"
+
+    @property
+    def expert_fsdp(self) -> bool:
+        """Under expert parallelism, whether the experts are an FSDP unit of their own, sharded over the
+        data-parallel ranks left beside ep (dp_shard / ep, and dp_replicate)."""
+        return self.ep > 1 and self.dp_shard // self.ep * self.dp_replicate > 1
 
     def short(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "cp")
