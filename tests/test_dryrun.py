@@ -38,6 +38,31 @@ def test_tiny_dry_run_matches_the_planner(layout: str, world: int, capacity: flo
         mem["measured"][k] for k in STATE)
 
 
+@pytest.mark.parametrize(("layout", "replicas"), [
+    ("dp_replicate=8", 8),
+    # a pipeline rank's two interleaved stages, one round of micro-batches: one stage's whole gradient at a time
+    ("dp_replicate=4,pp=2,pp_schedule=interleaved,pp_virtual=2", 4)])
+def test_replicated_data_parallelism_shards_the_optimizer(layout: str, replicas: int) -> None:
+    """dp_shard=1 (`Layout.dp_mode` zero1) runs a distributed optimizer, as the planner assumes: fp32 master
+    weights and Adam state sharded over the replicas (12 bytes per parameter of the rank's whole bf16 weights,
+    over `replicas`), bf16 weights and fp32 gradients whole through the step (accumulated over the 2
+    micro-batches), one gather and one reduce-scatter per step."""
+    spec = load_spec("tiny").model_copy(update={"n_layers": 4})
+    r = dry_run(spec, Layout.parse(layout), 8, batch_size=16, grad_accum=2, seq_len=32)
+    mem, coll = r["memory"], r["collectives"]
+    print(json.dumps(r))
+    whole = mem["measured"]["params"] / 2 * 12  # fp32 master weights, Adam's m and v of the rank's weights
+    assert _rel(mem["measured"]["optimizer"] * replicas, whole) <= 0.10, mem
+    if "pp" not in layout:
+        assert _rel(mem["measured"]["params"], spec.params_total * 2) <= 0.10, mem  # bf16, whole
+    for key in STATE:
+        assert _rel(mem["measured"][key], mem["predicted"][key]) <= 0.10, (key, mem)
+    assert set(coll["measured"]) == set(coll["predicted"])
+    assert {"all_gather", "reduce_scatter"} <= set(coll["predicted"])
+    for kind in coll["predicted"]:
+        assert _rel(coll["measured"][kind], coll["predicted"][kind]) <= 0.10, (kind, coll)
+
+
 def test_cli_dry_run_json(cli, tmp_path) -> None:  # noqa: ANN001
     proc = cli("train", "--model", "tiny", "--layout", "dp_shard=4", "--batch-size", "8", "--seq-len", "32",
                "--run-dir", str(tmp_path / "r"), "--dry-run", "--json")

@@ -109,12 +109,18 @@ def _steady_optimizer(optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def _memory(snapshot: dict[Any, Any]) -> dict[str, float]:
-    """Tracker categories → the planner's terms (bytes on this rank)."""
+def _memory(snapshot: dict[Any, Any], zero1: bool = False) -> dict[str, float]:
+    """Tracker categories → the planner's terms (bytes on this rank). Under a distributed optimizer
+    (`Layout.dp_mode` ``zero1``) FSDP's sharded parameters are the fp32 master weights, which the planner counts
+    with the optimizer (`plan.costmodel.state_split`); its whole bf16 weights and gradients are held through the
+    step, not at its end (`measure` adds them)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
 
     dev = next(iter(snapshot.values())) if snapshot else {}
     get = lambda *kinds: float(sum(dev.get(k, 0) for k in kinds))  # noqa: E731
+    if zero1:
+        return {"params": 0.0, "grads": 0.0, "optimizer": get(R.OPT, R.SHARDED_PARAM),
+                "activations_peak": get(R.ACT), "total_peak": float(dev.get("Total", 0))}
     return {"params": get(R.SHARDED_PARAM), "grads": get(R.SHARDED_GRAD), "optimizer": get(R.OPT),
             "activations_peak": get(R.ACT), "total_peak": float(dev.get("Total", 0))}
 
@@ -123,17 +129,57 @@ def _tracker(roots: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> 
     """PyTorch's FSDP2 memory tracker over this rank's FSDP roots (the model, or each pipeline stage it holds),
     also keeping the most activation bytes held at any moment (it records the categories only at the moments the
     total peaks, where the activations may be below their own peak: with grok-2's whole-layer FSDP units, 0.68
-    of it)."""
+    of it), the most unsharded parameter bytes and the most gradient state held (a distributed optimizer holds
+    both through the step): the unsharded gradients FSDP accumulates between micro-batches and the sharded ones,
+    taken after each FSDP unit's backward. A unit's bf16 gradient before FSDP accumulates or reduces it, and a
+    reduce-scatter's input buffer, are transients (the planner's too).
+
+    FSDP2 upcasts the unsharded gradients it accumulates between micro-batches without a reduction (to its
+    reduce dtype, fp32 under bf16 mixed precision) inside its post-backward, where the tracker files the new
+    tensor as a backward temporary: they are filed as unsharded gradients here."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType as R
 
     class Tracker(FSDPMemTracker):
         act_peak = 0
+        unsharded_params_peak = 0
+        grads_peak = 0
 
         def _update_peak_stats(self, peak_state: Any) -> None:  # after every op
             super()._update_peak_stats(peak_state)
+            self._update_own_peaks()
+
+        def _update_own_peaks(self) -> None:
             for snap in self._curr_mem_snap.values():
                 self.act_peak = max(self.act_peak, snap.get(R.ACT, 0))
+                self.unsharded_params_peak = max(self.unsharded_params_peak, snap.get(R.UNSHARDED_PARAM, 0))
+
+        def update_grads_peak(self) -> None:
+            from torch.distributed.fsdp import FSDPModule
+
+            held = 0
+            for mod in self._root_mod.modules():
+                if isinstance(mod, FSDPModule):
+                    for group in mod._get_fsdp_state()._fsdp_param_groups:
+                        for p in group.fsdp_params:
+                            for g in (p.unsharded_accumulated_grad, p.sharded_param.grad):
+                                g = getattr(g, "_local_tensor", g)  # this rank's part of a DTensor
+                                held += g.numel() * g.element_size() if g is not None else 0
+            self.grads_peak = max(self.grads_peak, held)
+
+        def _fsdp_param_group_post_backward(self, fsdp_mod: Any, orig: Any) -> Any:
+            inner = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
+
+            def post_backward(*args: Any, **kwargs: Any) -> None:
+                inner(*args, **kwargs)
+                group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+                for fsdp_param in group.fsdp_params if group else ():
+                    acc = fsdp_param.unsharded_accumulated_grad
+                    if acc is not None:
+                        self._update_and_maybe_create_winfos(acc, R.UNSHARDED_GRAD, update_existing=True)
+                self.update_grads_peak()
+
+            return post_backward
 
     tracker = Tracker(roots[0], optimizer)
     # Several stages are several FSDP roots; the tracker only walks `_root_mod.modules()` to instrument them.
@@ -244,11 +290,18 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
                 # all-reduce the planner does not count, and reading it needs values fake tensors lack).
                 par._sum_over_tp(counter)
                 optimizer.step()
+                tracker.update_grads_peak()
                 optimizer.zero_grad(set_to_none=False)
-            # Parameters, gradients and optimizer state are held all step: read at its end. Activations: the
-            # most held at any moment of the model's forward and backward. Total: the peak of everything,
-            # including the transient buffers of gathers, reductions and the optimizer's update.
-            memory = _memory(tracker.get_tracker_snapshot())
+            # Parameters, gradients and optimizer state are held all step: read at its end (a distributed
+            # optimizer's whole bf16 weights and gradients: the most held at any moment, they are freed by the
+            # last backward). Activations: the most held at any moment of the model's forward and backward.
+            # Total: the peak of everything, including the transient buffers of gathers, reductions and the
+            # optimizer's update.
+            zero1 = layout.dp_mode == "zero1"
+            memory = _memory(tracker.get_tracker_snapshot(), zero1)
+            if zero1:
+                memory["params"] = float(tracker.unsharded_params_peak)
+                memory["grads"] = float(tracker.grads_peak)
             memory["activations_peak"] = float(tracker.act_peak)
             memory["total_peak"] = _memory(tracker.get_tracker_snapshot("peak"))["total_peak"]
     finally:
