@@ -64,19 +64,20 @@ def test_mixture_weights_are_exact_and_no_sample_repeats(datasets):
             datalib.parse_mix(None, bad)
 
 
-def _train(run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, nproc: int, *extra: str, cli_here=None) -> None:  # noqa: ANN001
+    """`gigafactory train` on `nproc` ranks under torchrun; one process runs in this one (`cli_here`)."""
     args = ["train", "--model", "tiny", "--run-dir", str(run_dir), "--steps", "6", "--batch-size", "8",
             "--grad-accum", "2", "--seq-len", str(SEQ), "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "3",
             "--checkpoint-every", "3", "--dtype", "fp32", "--sync-checkpoint", *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "gigafactory", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-               "gigafactory", *args, "--layout", f"dp_shard={nproc}"]
+        code, _, err = cli_here(*args)
+        assert code == 0, err[-4000:]
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "gigafactory", *args, "--layout", f"dp_shard={nproc}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -84,12 +85,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_train_on_shards_resumes_exactly_from_2_to_4_ranks(datasets, tmp_path):
+def test_train_on_shards_resumes_exactly_from_2_to_4_ranks(datasets, tmp_path, cli_here):
     """One process for 6 steps is the reference; 2 ranks stop at step 3; 4 ranks resume to step 6. The global
     micro-batches are the same samples (the position is rank-independent), so every step's loss matches."""
     mix = ["--data-mix", f"{datasets['a']}=0.6,{datasets['b']}=0.4"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _train(ref, 1, *mix)
+    _train(ref, 1, *mix, cli_here=cli_here)
     _train(run, 2, *mix, "--stop-after", "3")
     manifest = json.loads(next((run / "ckpt").glob("step_000003/manifest.json")).read_text())
     assert manifest["data_position"] == 3 * 2  # global micro-batches: 3 steps x 2

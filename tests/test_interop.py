@@ -233,7 +233,7 @@ def test_hf_export_import_round_trip_is_bitwise(tmp_path, cli, shape):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_hf_import_refuses_incomplete_or_foreign_checkpoints(tmp_path, cli):
+def test_hf_import_refuses_incomplete_or_foreign_checkpoints(tmp_path, cli_here):
     spec = spec_of(**{**GROK1_TINY, "vocab_size": 512})
     src, out = tmp_path / "src", tmp_path / "hf"
     write_run(src, GrokModel(spec), toklib.GROK1, {})
@@ -248,8 +248,8 @@ def test_hf_import_refuses_incomplete_or_foreign_checkpoints(tmp_path, cli):
         hf.load_hf(out)
     tensors["model.layers.0.something_else.weight"] = torch.zeros(2)
     save_file(tensors, str(shard))
-    proc = cli("import", "hf", str(out), "--run-dir", str(tmp_path / "r2"))
-    assert proc.returncode == 2 and "unknown tensor" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = cli_here("import", "hf", str(out), "--run-dir", str(tmp_path / "r2"))
+    assert code == 2 and "unknown tensor" in err and "Traceback" not in err
 
 
 # ---- 8-bit weights ----------------------------------------------------------------------------------------
