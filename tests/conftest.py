@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,28 @@ def cli_here(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
         return code, out, err
 
     return call
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_run(path)` makes `path` a run directory holding the `tiny` preset's prepared data (tokenizer, personas,
+    token arrays of the built-in corpus), prepared once per session: that takes ~2 s, longer than a short run."""
+    from gigafactory.train.config import make_config
+    from gigafactory.train.loop import Trainer
+
+    src = tmp_path_factory.mktemp("tiny_run") / "run"
+    made = Trainer(make_config(model="tiny", run_dir=src, steps=1, dtype="fp32"), quiet=True)
+    if made.lock is not None:
+        made.lock.release()
+
+    def new(run: Path) -> Path:
+        run.mkdir(parents=True)
+        shutil.copytree(src / "data", run / "data")
+        for name in ("tokenizer.json", "personas.json"):
+            shutil.copy(src / name, run / name)
+        return run
+
+    return new
 
 
 @pytest.fixture(scope="session")

@@ -96,13 +96,13 @@ def wait_for(cond, timeout: float, what: str, procs: list[subprocess.Popen], log
         time.sleep(0.2)
 
 
-def test_lose_a_host_continue_on_the_survivor_then_grow_back(tmp_path):
+def test_lose_a_host_continue_on_the_survivor_then_grow_back(tmp_path, tiny_run):
     # The one-process reference: same model, seed, data and global batch.
-    ref_cfg = make_config(run_dir=tmp_path / "ref", model="tiny", batch_size=BATCH, seq_len=32, dtype="fp32",
+    ref_cfg = make_config(run_dir=tiny_run(tmp_path / "ref"), model="tiny", batch_size=BATCH, seq_len=32, dtype="fp32",
                           warmup_steps=2, eval_every=1000, checkpoint_every=STEPS, steps=STEPS)
     reference = Trainer(ref_cfg, quiet=True).fit().losses
 
-    run, log_a, log_b = tmp_path / "run", tmp_path / "a.log", tmp_path / "b.log"
+    run, log_a, log_b = tiny_run(tmp_path / "run"), tmp_path / "a.log", tmp_path / "b.log"
     with two_hosts() as (a, b):
         endpoint = f"{a[2]}:29413"
         host_a = start_host(a, endpoint, run, log_a, fault=f"slow:ms={SLOW_MS}")

@@ -43,21 +43,21 @@ def torchrun_train(run_dir, steps, fault=None, max_restarts=0):
 
 
 @pytest.fixture(scope="module")
-def hurt(tmp_path_factory):
+def hurt(tmp_path_factory, tiny_run):
     """One 2-rank job under torchrun's elastic agent, two faults: rank 1 is a straggler in step 3 (3 s of extra
     work between two collectives) and is SIGKILLed before step 7, after the checkpoint of step 4 and before that
     of step 8. (One job for both: each torchrun start costs more than the training.)"""
     root = tmp_path_factory.mktemp("hurt")
-    proc = torchrun_train(root / "run", 10, fault="slow:rank=1:step=3:ms=3000,kill:rank=1:step=7", max_restarts=3)
-    return proc, root / "run"
+    run = tiny_run(root / "run")
+    return torchrun_train(run, 10, fault="slow:rank=1:step=3:ms=3000,kill:rank=1:step=7", max_restarts=3), run
 
 
-def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path, hurt):
+def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path, hurt, tiny_run):
     # The uninterrupted run is the one-process reference (the same training at any layout; a second torchrun job
     # would take longer than the whole one-process run). Two ranks sum in another order than one process: their
     # losses differ by up to 3 float32 ulps here (1.4e-6); a resume that lost anything (data position, optimizer
     # state, schedule step) is off by orders of magnitude more.
-    Trainer(make_config(run_dir=tmp_path / "clean", steps=10, checkpoint_every=4, **FAST), quiet=True).fit()
+    Trainer(make_config(run_dir=tiny_run(tmp_path / "clean"), steps=10, checkpoint_every=4, **FAST), quiet=True).fit()
     proc, run = hurt
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step_000004" in proc.stderr
@@ -70,9 +70,9 @@ def test_kill_a_rank_and_the_job_recovers_with_identical_losses(tmp_path, hurt):
     assert [p.name for p in ckpt.list_checkpoints(run)][0] == "step_000010"
 
 
-def test_nan_batch_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
+def test_nan_batch_skips_the_update_and_training_goes_on(tmp_path, monkeypatch, tiny_run):
     monkeypatch.setenv("GIGAFACTORY_FAULT", "nan:step=3")
-    tr = Trainer(make_config(run_dir=tmp_path / "run", steps=6, checkpoint_every=2, **FAST), quiet=True)
+    tr = Trainer(make_config(run_dir=tiny_run(tmp_path / "run"), steps=6, checkpoint_every=2, **FAST), quiet=True)
     before = {}
 
     def snapshot(trainer):
@@ -99,9 +99,9 @@ def test_nan_batch_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
     assert tr.guard.skipped == 1
 
 
-def test_repeated_non_finite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+def test_repeated_non_finite_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch, capsys, tiny_run):
     monkeypatch.setenv("GIGAFACTORY_FAULT", "nan:step=5,nan:step=6")
-    cfg = make_config(run_dir=tmp_path / "run", steps=8, checkpoint_every=4, max_bad_steps=2, **FAST)
+    cfg = make_config(run_dir=tiny_run(tmp_path / "run"), steps=8, checkpoint_every=4, max_bad_steps=2, **FAST)
     Trainer(cfg, quiet=True).fit()
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 9))  # the history restarts at 4 after the rollback
@@ -109,8 +109,8 @@ def test_repeated_non_finite_steps_roll_back_to_the_last_checkpoint(tmp_path, mo
     assert "rolled back to step 4" in capsys.readouterr().err
 
 
-def test_async_checkpoints_commit_with_verified_manifests(tmp_path):
-    run = tmp_path / "run"
+def test_async_checkpoints_commit_with_verified_manifests(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=6, checkpoint_every=2, async_checkpoint=True, **FAST), quiet=True).fit()
     found = ckpt.list_checkpoints(run)
     assert [p.name for p in found] == ["step_000006", "step_000004", "step_000002"]
@@ -120,8 +120,8 @@ def test_async_checkpoints_commit_with_verified_manifests(tmp_path):
     assert not list((run / "ckpt").glob(".*"))  # nothing half-written left behind
 
 
-def test_auto_cadence_uses_young_daly(tmp_path, capsys):
-    cfg = make_config(run_dir=tmp_path / "run", steps=6, checkpoint_every="auto", fleet_gpus=100_000, **FAST)
+def test_auto_cadence_uses_young_daly(tmp_path, capsys, tiny_run):
+    cfg = make_config(run_dir=tiny_run(tmp_path / "run"), steps=6, checkpoint_every="auto", fleet_gpus=100_000, **FAST)
     Trainer(cfg, quiet=True).fit()
     err = capsys.readouterr().err
     assert "checkpoint every" in err and "Young/Daly" in err and "100,000 GPUs" in err
@@ -252,16 +252,17 @@ def test_run_directory_lock_names_its_holder_and_detects_stale_locks(tmp_path):
 # --- the trainer: no phantom optimizer step, the spec checked first, the lock from the CLI ---------------------------
 
 
-def test_auto_resume_with_no_checkpoint_yet_trains_like_a_fresh_run(tmp_path):
-    fresh = Trainer(make_config(run_dir=tmp_path / "a", steps=3, checkpoint_every=3, **FAST), quiet=True).fit()
-    auto = Trainer(make_config(run_dir=tmp_path / "b", steps=3, checkpoint_every=3, auto_resume=True, **FAST),
+def test_auto_resume_with_no_checkpoint_yet_trains_like_a_fresh_run(tmp_path, tiny_run):
+    fresh = Trainer(make_config(run_dir=tiny_run(tmp_path / "a"), steps=3, checkpoint_every=3, **FAST),
+                    quiet=True).fit()
+    auto = Trainer(make_config(run_dir=tiny_run(tmp_path / "b"), steps=3, checkpoint_every=3, auto_resume=True, **FAST),
                    quiet=True)
     assert auto.resumed_from is None and not auto.optimizer.state  # no phantom Adam step left behind
     assert auto.fit().losses == fresh.losses
 
 
-def test_resuming_with_another_model_names_the_model_not_the_data(tmp_path):
-    run = tmp_path / "run"
+def test_resuming_with_another_model_names_the_model_not_the_data(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=1, checkpoint_every=1, **FAST), quiet=True).fit()
     other = {**FAST, "model": "small"}
     with pytest.raises(UserError, match="holds a run of another model"):

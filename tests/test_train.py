@@ -18,8 +18,8 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_gives_the_same_losses_as_one_run(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_resume_gives_the_same_losses_as_one_run(tmp_path, tiny_run):
+    one, two = tiny_run(tmp_path / "one"), tiny_run(tmp_path / "two")
     Trainer(make_config(run_dir=one, steps=8, checkpoint_every=4, **FAST), quiet=True).fit()
     Trainer(make_config(run_dir=two, steps=8, checkpoint_every=4, stop_after=4, **FAST), quiet=True).fit()
     assert [r["step"] for r in read_metrics(two)] == [1, 2, 3, 4]
@@ -35,8 +35,8 @@ def test_resume_gives_the_same_losses_as_one_run(tmp_path):
     assert a[-1]["loss"] < a[0]["loss"]
 
 
-def test_corrupt_or_partial_newest_checkpoint_falls_back(tmp_path, cli):
-    run = tmp_path / "run"
+def test_corrupt_or_partial_newest_checkpoint_falls_back(tmp_path, cli, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=6, checkpoint_every=2, **FAST), quiet=True).fit()
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["step_000006", "step_000004", "step_000002"]
@@ -54,8 +54,8 @@ def test_corrupt_or_partial_newest_checkpoint_falls_back(tmp_path, cli):
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 8))
 
 
-def test_save_never_leaves_a_partial_checkpoint_visible(tmp_path):
-    run = tmp_path / "run"
+def test_save_never_leaves_a_partial_checkpoint_visible(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=2, checkpoint_every=2, **FAST), quiet=True).fit()
 
     def failing_writer(state, path):
@@ -115,8 +115,8 @@ def test_data_folder_and_bad_data(tmp_path):
         read_corpus(tmp_path / "bin.txt")
 
 
-def test_cli_train_then_chat_and_user_errors(tmp_path, cli, cli_here):
-    run = tmp_path / "run"
+def test_cli_train_then_chat_and_user_errors(tmp_path, cli, cli_here, tiny_run):
+    run = tiny_run(tmp_path / "run")
     proc = cli("train", "--model", "tiny", "--steps", "3", "--run-dir", str(run), "--batch-size", "4", "--seq-len",
                "64", "--dtype", "fp32", check=True)
     assert len(read_metrics(run)) == 3
@@ -144,16 +144,16 @@ def test_cli_train_then_chat_and_user_errors(tmp_path, cli, cli_here):
         assert err.strip().startswith("error:") and err.strip().count("\n") == 0, err
 
 
-def test_every_checkpoint_corrupt_is_a_user_error(tmp_path):
-    run = tmp_path / "run"
+def test_every_checkpoint_corrupt_is_a_user_error(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=2, checkpoint_every=2, **FAST), quiet=True).fit()
     (run / "ckpt" / "step_000002" / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="no usable checkpoint"):
         Trainer(make_config(run_dir=run, steps=4, resume=True, **FAST), quiet=True)
 
 
-def test_resume_past_a_corrupt_checkpoint_replaces_that_history(tmp_path):
-    run = tmp_path / "run"
+def test_resume_past_a_corrupt_checkpoint_replaces_that_history(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     Trainer(make_config(run_dir=run, steps=6, checkpoint_every=2, **FAST), quiet=True).fit()
     shard = next((run / "ckpt" / "step_000006").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10])
