@@ -13,8 +13,8 @@ from gigafactory.errors import UserError
 from gigafactory.train.launch import RestartBudget, parse_duration
 
 
-def test_launch_runs_torchrun_ranks_locally(tmp_path, cli):
-    run = tmp_path / "run"
+def test_launch_runs_torchrun_ranks_locally(tmp_path, cli, tiny_run):
+    run = tiny_run(tmp_path / "run")
     proc = cli("launch", "--nproc", "2", "train", "--model", "tiny", "--steps", "2", "--run-dir", str(run),
                "--layout", "dp_shard=2", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,8 +75,8 @@ def _alive(pid):
         return False
 
 
-def test_workers_die_when_their_agent_is_killed(tmp_path):
-    run = tmp_path / "run"
+def test_workers_die_when_their_agent_is_killed(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "--max-restarts=0",
          "-m", "gigafactory", "train", "--model", "tiny", "--steps", "100000", "--run-dir", str(run),

@@ -29,9 +29,9 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_run):
     """An uninterrupted run (its losses), whose tokenizer and token arrays the other runs reuse."""
-    run = tmp_path_factory.mktemp("peer") / "ref"
+    run = tiny_run(tmp_path_factory.mktemp("peer") / "ref")
     return run, Trainer(make_config(run_dir=run, **FAST), quiet=True).fit().losses
 
 
