@@ -269,7 +269,7 @@ def test_resuming_with_another_model_names_the_model_not_the_data(tmp_path, tiny
         Trainer(make_config(run_dir=run, steps=2, resume=True, **other), quiet=True)
 
 
-def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
+def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli_here):
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; from gigafactory.checkpoint import RunLock; "
@@ -277,13 +277,13 @@ def test_a_second_job_on_a_run_directory_is_refused(tmp_path, cli):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        proc = cli("train", "--model", "tiny", "--steps", "1", "--run-dir", str(run), "--batch-size", "4",
-                   "--seq-len", "64", "--dtype", "fp32")
+        code, _, err = cli_here("train", "--model", "tiny", "--steps", "1", "--run-dir", str(run), "--batch-size",
+                                "4", "--seq-len", "64", "--dtype", "fp32")
     finally:
         holder.kill()
         holder.wait()
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"in use by another job (pid {holder.pid}" in proc.stderr
+    assert code != 0 and "Traceback" not in err
+    assert f"in use by another job (pid {holder.pid}" in err
     assert not (run / "ckpt").exists()
 
 
