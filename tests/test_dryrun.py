@@ -161,7 +161,7 @@ def test_grok_dry_run_on_a_planned_pipeline() -> None:
     for key in STATE:
         assert _rel(mem["measured"][key], mem["predicted"][key]) <= 0.10, (key, mem)
     # all_gather too: the interleaved schedule gathers this first stage twice (it leaves the schedule's window of
-    # three active stages), its embedding with it, as the planner now counts (`costmodel.stage_unshards`)
+    # three active stages), its embedding with it, as the planner now counts (`parallel.pipeline.stage_unshards`)
     for kind in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all"):
         assert _rel(coll["measured"][kind], coll["predicted"][kind]) <= 0.10, (kind, coll)
     assert r["pp_stage"] == "first"
@@ -172,11 +172,11 @@ def test_grok_dry_run_on_a_planned_pipeline() -> None:
 def test_planner_counts_the_interleaved_schedules_stage_gathers(monkeypatch) -> None:  # noqa: ANN001
     """With more stages per rank than the interleaved schedule keeps active (3), it reshards a stage it leaves and
     gathers it again, the stage's FSDP root (the embedding) with it: the planner's count of the first stage's
-    gathers (`costmodel.stage_unshards`) is the number of all-gathers the trainer issues for the embedding."""
+    gathers (`parallel.pipeline.stage_unshards`) is the number of all-gathers the trainer issues for the embedding."""
     import torch
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
 
-    from gigafactory.plan.costmodel import stage_unshards
+    from gigafactory.parallel.pipeline import stage_unshards
     from gigafactory.train.dryrun import measure
 
     gathers = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,15 @@ def predicted_bytes(spec: ModelSpec, layout: Layout, batch_size: int, grad_accum
     micro = batch_size // grad_accum // layout.dp
     lay = layout.model_copy(update={"micro_batch": micro})
     # This trainer's TP sums the router's gate gradients over tp.
+    ends = (1, 1)
+    if layout.pp > 1:  # how often the schedule gathers the first and the last stage (and their roots)
+        from gigafactory.parallel.pipeline import stage_unshards
+
+        count = functools.partial(stage_unshards, layout.pp_schedule, layout.pp, layout.pp_virtual, grad_accum)
+        ends = (count(0, 0), count(layout.pp - 1, layout.pp * layout.pp_virtual - 1))
     return collective_bytes(spec, lay, batch_size, seq_len, dtype_bytes=act_bytes, grad_bytes=4,
-                            router_grads_over_tp=True, pp_rank=pp_rank, capacity_factor=capacity_factor)
+                            router_grads_over_tp=True, pp_rank=pp_rank, capacity_factor=capacity_factor,
+                            root_gathers=ends)
 
 
 def measured_bytes(metrics_path: Path) -> dict[str, float]:

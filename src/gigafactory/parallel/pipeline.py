@@ -19,6 +19,7 @@ Under TP (and CP) the hidden states between stages are this rank's part of the s
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    schedules,
 )
 from torch.distributed.tensor import DTensor
 
@@ -53,6 +55,26 @@ def stage_layers(n_layers: int, n_stages: int, stage: int) -> list[int]:
 def rank_stages(pp: int, virtual: int, rank: int) -> list[int]:
     """The stages pipeline rank `rank` holds (round-robin)."""
     return [rank + k * pp for k in range(virtual)]
+
+
+@functools.lru_cache(maxsize=512)
+def stage_unshards(pp_schedule: str, pp: int, virtual: int, n_micro: int, rank: int, stage: int) -> int:
+    """How many times pipeline rank `rank` gathers the whole of its stage `stage` in one step. The multi-stage
+    schedules of torch.distributed.pipelining (interleaved 1F1B) gather and reshard every FSDP unit of a stage
+    as it enters and leaves a window of three active stages (`schedules._add_unshard_reshard`), so with more
+    than three stages per rank a stage is gathered again after it has been evicted; its own FSDP root, which
+    otherwise stays gathered all step, goes with it. The count is read from torch's own lowering of the
+    schedule (private API: the order only, no stages built); single-stage schedules, and up to three stages
+    per rank, gather it once."""
+    if pp_schedule != "interleaved" or virtual <= 3:
+        return 1
+    order = ScheduleInterleaved1F1B.__new__(ScheduleInterleaved1F1B)  # the order only: no stages
+    rounds = max(1, n_micro // pp)
+    order.__dict__.update(pp_group_size=pp, n_local_stages=virtual, rank=rank, number_of_rounds=rounds,
+                          microbatches_per_round=n_micro // rounds, _n_microbatches=n_micro,
+                          _num_stages=pp * virtual)
+    lowered = schedules._add_unshard_reshard(order._calculate_single_rank_operations(rank))
+    return sum(1 for a in lowered if a.computation_type == schedules.UNSHARD and a.stage_index == stage)
 
 
 class StageModule(nn.Module):

@@ -643,26 +643,6 @@ def in_flight_last_stage(lay: Layout, n_micro: int) -> float:
 
 
 # ---- collectives ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=512)
-def stage_unshards(pp_schedule: str, pp: int, virtual: int, n_micro: int, rank: int, stage: int) -> int:
-    """How many times pipeline rank `rank` gathers the whole of its stage `stage` in one step. The multi-stage
-    schedules of torch.distributed.pipelining (interleaved 1F1B) gather and reshard every FSDP unit of a stage
-    as it enters and leaves a window of three active stages (`schedules._add_unshard_reshard`), so with more
-    than three stages per rank a stage is gathered again after it has been evicted; its own FSDP root, which
-    otherwise stays gathered all step, goes with it. The count is read from torch's own lowering of the
-    schedule; single-stage schedules, and up to three stages per rank, gather it once."""
-    if pp_schedule != "interleaved" or virtual <= 3:
-        return 1
-    from torch.distributed.pipelining import schedules as sch
-
-    order = sch.ScheduleInterleaved1F1B.__new__(sch.ScheduleInterleaved1F1B)  # the order only: no stages
-    rounds = max(1, n_micro // pp)
-    order.__dict__.update(pp_group_size=pp, n_local_stages=virtual, rank=rank, number_of_rounds=rounds,
-                          microbatches_per_round=n_micro // rounds, _n_microbatches=n_micro, _num_stages=pp * virtual)
-    lowered = sch._add_unshard_reshard(order._calculate_single_rank_operations(rank))
-    return sum(1 for a in lowered if a.computation_type == sch.UNSHARD and a.stage_index == stage)
-
-
 def collective_bytes(
     spec: ModelSpec,
     layout: Layout,
@@ -674,6 +654,7 @@ def collective_bytes(
     sequence_parallel: bool = True,
     router_grads_over_tp: bool = False,
     pp_rank: int | None = None,
+    root_gathers: tuple[int, int] = (1, 1),
     capacity_factor: float | None = None,
     distributed_optimizer: bool = True,
 ) -> dict[str, float]:
@@ -695,8 +676,11 @@ def collective_bytes(
     tp (`vocab_parallel_bytes`); ``router_grads_over_tp`` adds the fp32 gate gradients gigafactory's trainer sums
     over tp.
     Point-to-point bytes (and a tied embedding's gradient sum) are those of pipeline rank ``pp_rank``, or their
-    average over the pipeline ranks when it is None. With ``capacity_factor`` the expert all-to-all moves every
-    expert's padded slots (`specs.moe.dispatched_rows`), not the routed copies.
+    average over the pipeline ranks when it is None.
+    ``root_gathers``: how many times the first and the last pipeline stage are gathered whole per step, their
+    FSDP root (embedding, head) with them (once, unless the schedule evicts stages: `parallel.pipeline.
+    stage_unshards`, which needs torch and is passed in by the trainer's comparison, `parallel.compare`).
+    With ``capacity_factor`` the expert all-to-all moves every expert's padded slots (`specs.moe.dispatched_rows`), not the routed copies.
     """
     lay = layout
     dp = lay.dp
@@ -722,14 +706,12 @@ def collective_bytes(
             # Under a pipeline schedule FSDP keeps a stage's parameters gathered from one backward until the next
             # forward has run (torch.distributed.pipelining sets reshard_after_backward=False between
             # micro-batches): each layer is gathered n_micro + 1 times per step, the root once.
-            # The root's own gathers follow the schedule's (`stage_unshards`): first stage on pp rank 0, last
-            # on pp rank pp − 1 (on average over the ranks when none is given).
-            n_stages = lay.pp * lay.pp_virtual
-            count = functools.partial(stage_unshards, lay.pp_schedule, lay.pp, lay.pp_virtual, n_micro)
-            ends = (count(0, 0), count(lay.pp - 1, n_stages - 1))
-            root_gathers = (max(ends) if pp_rank is None else ends[0] if pp_rank == 0
-                            else ends[1] if pp_rank == lay.pp - 1 else 1)
-            out["all_gather"] += ((n_micro + 1) * (gathered - root) + root_gathers * root) * dtype_bytes
+            # The root's own gathers: `root_gathers` (first stage on pp rank 0, last on pp rank pp − 1; the
+            # busier when no rank is given).
+            ends = root_gathers
+            gathers = (max(ends) if pp_rank is None else ends[0] if pp_rank == 0
+                       else ends[1] if pp_rank == lay.pp - 1 else 1)
+            out["all_gather"] += ((n_micro + 1) * (gathered - root) + gathers * root) * dtype_bytes
         else:
             out["all_gather"] += n_micro * (gathers * (gathered - root) + root) * dtype_bytes
         # reduce-scattered after every micro-batch (the trainer keeps no unsharded gradient between them); a
