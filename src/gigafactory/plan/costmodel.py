@@ -680,7 +680,8 @@ def collective_bytes(
     ``root_gathers``: how many times the first and the last pipeline stage are gathered whole per step, their
     FSDP root (embedding, head) with them (once, unless the schedule evicts stages: `parallel.pipeline.
     stage_unshards`, which needs torch and is passed in by the trainer's comparison, `parallel.compare`).
-    With ``capacity_factor`` the expert all-to-all moves every expert's padded slots (`specs.moe.dispatched_rows`), not the routed copies.
+    With ``capacity_factor`` the expert all-to-all moves every expert's padded slots
+    (`specs.moe.dispatched_rows`), not the routed copies.
     """
     lay = layout
     dp = lay.dp
