@@ -11,6 +11,8 @@ category, through forward, backward and the optimizer step. The bytes of each co
 What differs from a real step, and why:
 - Attention runs as a shape-only stand-in for a fused kernel (`model.attention`: under fake tensors it keeps
   what flash attention keeps, q/k/v, the output and a logsumexp per query, and no tile temporaries).
+- With several pipeline stages on one rank, the FSDP2 memory tracker is handed all their roots through its
+  private ``_root_mod`` (`_tracker`): it accepts one root and has no public way to take more.
 - Expert parallelism assumes balanced routing (every rank sends each peer the same number of token copies), as
   the planner does: the real dropless dispatch sizes its all-to-all from routed counts, which fake tensors do not
   have. With a capacity factor (``moe_capacity_factor``) nothing is assumed: the real fixed-shape dispatch
@@ -182,8 +184,12 @@ def _tracker(roots: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> 
             return post_backward
 
     tracker = Tracker(roots[0], optimizer)
-    # Several stages are several FSDP roots; the tracker only walks `_root_mod.modules()` to instrument them.
-    tracker._root_mod = torch.nn.ModuleList(roots)
+    if len(roots) > 1:
+        # Several pipeline stages on this rank are several FSDP roots. `FSDPMemTracker` takes one (an FSDPModule)
+        # and has no public way to take more; one tracker per root does not work either, since each counts every
+        # allocation of the process. It finds the FSDP units to instrument by walking `_root_mod.modules()` only,
+        # so it is handed all the roots there: the one use of a private attribute (torch 2.13), pp > 1 only.
+        tracker._root_mod = torch.nn.ModuleList(roots)
     return tracker
 
 
