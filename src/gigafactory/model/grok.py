@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gigafactory.model.attention import allowed, attend
 from gigafactory.specs import ModelSpec
@@ -141,11 +142,55 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad, torch.ones_like(aux)
 
 
+def gated_gelu(gate: Tensor, up: Tensor, recompute: bool = False) -> Tensor:
+    """``gelu(gate) · up`` (tanh GELU). ``recompute`` (selective recompute): keep only `gate` and `up` for backward
+    and redo the activation there, instead of also keeping gelu's output (2 bytes per element in bf16)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(_gated_gelu, gate, up, use_reentrant=False)  # type: ignore[no-any-return]
+    return _gated_gelu(gate, up)
+
+
+def _gated_gelu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def combine(out: Tensor, gates: Tensor, order: Tensor) -> Tensor:
+    """The MoE output [N, d] from the experts' outputs `out` [N·k, d] in expert order (`order`: the stable argsort
+    of the flat expert ids [N·k]) and the gates [N, k]: each token's k outputs weighted by their gates and summed.
+    Unsorted by indexing, then one product and a sum over k: backward keeps one copy of the outputs (for the gates'
+    gradient); scaling in expert order and `index_add_` into zeros kept two (the product's input and its output,
+    which `index_add_` saves)."""
+    n, k = gates.shape
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    y = out[inverse].view(n, k, -1)
+    return (y * gates[..., None].to(y.dtype)).sum(1)
+
+
+class _Fp32Linear(torch.autograd.Function):
+    """``x.float() @ w.float().T`` with autocast off (the router, in fp32 whether or not the caller autocasts),
+    keeping `x` itself for backward rather than its fp32 copy (half the bytes for a bf16 `x`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            gx = grad @ w.float()
+            gw = grad.flatten(0, -2).T @ x.flatten(0, -2).float()
+        return gx.to(x.dtype), gw.to(w.dtype)
+
+
 class Experts(nn.Module):
     """All experts' weights as 3-D tensors [E, in, out], so expert parallelism shards dimension 0."""
 
     def __init__(self, n_experts: int, d_model: int, ffn: int) -> None:
         super().__init__()
+        self.recompute_act = False  # set by selective recompute (`parallel.fsdp.apply_recompute`)
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, ffn))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, ffn))
         self.w_down = nn.Parameter(torch.empty(n_experts, ffn, d_model))
@@ -165,7 +210,7 @@ class Experts(nn.Module):
         if gate.dim() == 2:  # stored [E·d, ffn], w_down transposed, for FSDP over many ranks (`parallel.fsdp`)
             d, ffn = x.shape[-1], gate.shape[-1]
             gate, up, down = gate.view(-1, d, ffn), up.view(-1, d, ffn), down.view(-1, d, ffn).transpose(1, 2)
-        h = F.gelu(_grouped_mm(x, gate, offsets), approximate="tanh") * _grouped_mm(x, up, offsets)
+        h = gated_gelu(_grouped_mm(x, gate, offsets), _grouped_mm(x, up, offsets), self.recompute_act)
         return _grouped_mm(h, down, offsets)
 
 
@@ -194,7 +239,7 @@ class MoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """fp32 router: (logits [N, E], gates [N, k], expert ids [N, k]); gates are not renormalised."""
-        logits = softcap(F.linear(x.float(), self.router.weight.float()), self.router_softcap)
+        logits = softcap(_Fp32Linear.apply(x, self.router.weight), self.router_softcap)
         probs = logits.softmax(dim=-1)
         gates, idx = probs.topk(self.top_k, dim=-1)
         return logits, gates, idx
@@ -210,9 +255,7 @@ class MoE(nn.Module):
         # Counts by scatter-add (static shape; bincount's shape depends on the data): no host synchronisation.
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).index_add_(
             0, flat, torch.ones_like(flat))
-        out = self.experts(x[token_of], counts)
-        out = out * gates.reshape(-1)[order, None].to(out.dtype)
-        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+        return combine(self.experts(x[token_of], counts), gates, order)
 
     def capacity_dispatch(self, x: Tensor, gates: Tensor, idx: Tensor,
                           run_experts: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
@@ -284,9 +327,10 @@ class DenseFFN(nn.Module):
         self.gate = nn.Linear(d_model, ffn, bias=False)
         self.up = nn.Linear(d_model, ffn, bias=False)
         self.down = nn.Linear(ffn, d_model, bias=False)
+        self.recompute_act = False  # set by selective recompute (`parallel.fsdp.apply_recompute`)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        return self.down(gated_gelu(self.gate(x), self.up(x), self.recompute_act))
 
 
 class Block(nn.Module):

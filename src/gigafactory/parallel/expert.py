@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 
-from gigafactory.model.grok import GrokModel, MoE
+from gigafactory.model.grok import GrokModel, MoE, combine
 from gigafactory.parallel._local import use_local_params
 from gigafactory.parallel.comm import all_to_all
 from gigafactory.parallel.tensor import distribute_param
@@ -57,8 +57,7 @@ def ep_dispatch_compute(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group: 
     out_sorted = moe.experts(recv[perm], recv_counts.sum(0).tolist())
     out_recv = torch.empty_like(out_sorted).index_copy(0, perm, out_sorted)
     out = all_to_all(out_recv, in_splits, out_splits, group)
-    out = out * gates.reshape(-1)[order, None].to(out.dtype)
-    return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+    return combine(out, gates, order)
 
 
 def _ep_run_slots(moe: MoE, rows: Tensor, cap: int, group: dist.ProcessGroup) -> Tensor:

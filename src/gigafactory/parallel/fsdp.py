@@ -26,18 +26,29 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 from torch.utils.checkpoint import checkpoint
 
-from gigafactory.model.grok import Experts, GrokModel
+from gigafactory.model.grok import DenseFFN, Experts, GrokModel, RMSNorm
 from gigafactory.parallel.mesh import Meshes
 
 
 def apply_recompute(model: GrokModel, mode: str) -> None:
-    """``full``: recompute each block in backward; ``selective``: recompute attention only (its score tensors are
-    the largest activations per token at long sequence lengths, its weights the cheapest to re-run)."""
+    """``full``: recompute each block in backward. ``selective``: what the planner's ``selective`` models under a
+    fused attention (Megatron-Core's ``--recompute-modules layernorm moe_act``, docs/plan.md): each RMSNorm (eager in
+    fp32, it would keep two fp32 copies of its input) and each gated activation (`model.grok.gated_gelu`) are redone
+    in backward from their inputs. Attention is not recomputed: every attention path keeps memory linear in the
+    sequence (fused, block-wise; `model.attention`), so recomputing its core would save ~2 bytes per head
+    dimension for an extra attention forward, and recomputing the whole module (as this did before) re-ran its
+    projections and, under tensor parallelism, its sequence all-gather in every backward (docs/train.md)."""
     if mode == "none":
         return
     for block in model.layers.values():
-        target: nn.Module = block if mode == "full" else block.attn  # type: ignore[assignment]
-        _checkpoint_forward(target)
+        if mode == "full":
+            _checkpoint_forward(block)
+            continue
+        for module in block.modules():
+            if isinstance(module, RMSNorm):
+                _checkpoint_forward(module)
+            elif isinstance(module, (Experts, DenseFFN)):
+                module.recompute_act = True
 
 
 def _checkpoint_forward(module: nn.Module) -> None:

@@ -87,6 +87,11 @@ class Stack:
     # PyTorch's fused cross_entropy on .float() logits (torchtitan): cast 2+4, log-softmax 4+4+4, backward 4+4+4,
     # cast back 4+2 = 36.
     loss_bytes: int = 52
+    # tensor parallelism with sequence parallelism saves the all-gathered (whole-sequence) input of each GEMM after a
+    # gather for its weight gradient, as DTensor's SequenceParallel (torchtitan) and gigafactory's `parallel.tensor`
+    # do, rather than the sequence shard gathered again in backward (Megatron-LM, Korthikanti et al. 2022 §4.2.2),
+    # and the MoE router (which the trainer runs on the gathered sequence) keeps its input.
+    saves_gathered: bool = False
 
 
 # Megatron-LM as used by Narayanan et al. 2021 and Korthikanti et al. 2022 on A100: unfused softmax attention
@@ -123,7 +128,7 @@ DEEPSPEED_ZERO3 = Stack("deepspeed-zero3", flash_attention=True, dp_overlap=1.0,
 # log-softmax (8), the backward's 12 (the dry run measures both, tests/test_dryrun.py).
 MODERN = Stack("modern", flash_attention=True, dp_overlap=1.0, tp_overlap=0.5, pp_overlap=0.5, dropout=False,
                distributed_optimizer=True, kernels_per_layer=32, fused_elementwise=False, loss_bytes=36,
-               logits_bytes=8, logits_bwd_bytes=12, logits_bwd_bytes_tp=8)
+               logits_bytes=8, logits_bwd_bytes=12, logits_bwd_bytes_tp=8, saves_gathered=True)
 TORCHTITAN = MODERN
 STACKS = {s.name: s for s in (MEGATRON_2021, MEGATRON_CORE_2024, NEMO_2025, DEEPSPEED, DEEPSPEED_ZERO3, MODERN)}
 # other spellings a validation file may use
@@ -590,30 +595,49 @@ def layer_activation_bytes(spec: ModelSpec, lay: Layout, stack: Stack, seq: int,
     norms = spec.norm_params_per_layer // h
     drop = 1 if stack.dropout else 0
     gemm_in = 1 if fp8 else 2  # bytes per element of a saved GEMM input
+    # a GEMM input behind the sequence-parallel gather: whole-sequence when the stack saves the gathered tensor
+    gathered = 1 if stack.saves_gathered else sp
+    # Selective recompute under flash attention is Megatron-Core's --recompute-modules moe_act + layernorm: the
+    # norms and activation functions are redone in backward. Megatron frees their outputs even where the next GEMM
+    # saves them (CheckpointWithoutOutput); eager PyTorch (torch.utils.checkpoint) drops only what the
+    # recomputed op itself keeps, its consumer's saved input stays.
+    selective = lay.recompute == "selective" and stack.flash_attention
+    frees_outputs = selective and stack.fused_elementwise
     per_tok = norms * 2 * h / sp  # norm inputs
-    per_tok += (gemm_in * h + drop * 2 * h) / sp  # QKV input, attention-output and MLP dropout masks
+    per_tok += drop * 2 * h / sp  # attention-output and MLP dropout masks
+    if not frees_outputs:  # the QKV input: the first norm's output (or its gather)
+        per_tok += gemm_in * h / gathered
     per_tok += (2 * q + 4 * kv + gemm_in * q) / t  # Q, K, V, output-projection input
     if stack.flash_attention:
         per_tok += 4 * spec.n_heads / t  # softmax log-sum-exp (fp32)
     elif lay.recompute != "selective":
         per_tok += 5 * spec.n_heads * seq / t  # scores, softmax, dropout mask + output (Korthikanti 5as/h)
-    # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy); with flash
-    # attention "selective" recomputes the activation functions and norms instead (Megatron-Core recompute
-    # modules moe_act + layernorm): the activation and product (4f) and the norm outputs (the QKV input) go
+    # gated FFNs: input copy, gate and up outputs, activation, product (2h + 8f per routed copy).
     # Fused kernels keep the gate and up outputs and the product (the down projection's input): 6 bytes per gated
     # element, which for a two-matrix GELU FFN of width F = 1.5 f is Korthikanti's 4F (fc1 output, GELU output).
-    # Eager PyTorch also keeps the activation's output (silu(a) for the product's backward): 8.
+    # Eager PyTorch also keeps the activation's output (gelu(a) for the product's backward): 8. Selective recompute
+    # drops the activation's output, and Megatron the product too (4); eager keeps the product (6).
     ffn_per = 6 if stack.fused_elementwise else 8
-    if lay.recompute == "selective" and stack.flash_attention:
-        ffn_per = 4
-        per_tok -= gemm_in * h / sp
+    if selective:
+        ffn_per = 4 if frees_outputs else 6
     ffn_per -= 2 - gemm_in  # the product is the down projection's GEMM input
+    # Routed copies: experts split by tp (no expert parallelism) each see every token of the sequence, whole
+    # experts (ep > 1) only this rank's sequence shard. Each copy's input, and its output, which the gate product's
+    # backward needs (the gates' gradient).
     rows = routed_rows_per_token(spec, T / (sp if lay.ep > 1 else 1), capacity_factor)
-    per_tok += rows * (gemm_in * h / sp + ffn_per * spec.expert_ffn / t)
+    copy_div = sp if expert_tp(lay) == 1 else 1
+    if spec.n_experts > 1:
+        per_tok += rows * ((gemm_in + 2) * h / copy_div + ffn_per * spec.expert_ffn / t)
+    else:
+        per_tok += rows * (gemm_in * h / gathered + ffn_per * spec.expert_ffn / t)  # a dense MLP
     if spec.dense_ffn:
         per_tok += ffn_per * spec.dense_ffn / t
+        if stack.saves_gathered and t > 1:  # its own gather's output (without tp: the router's input below)
+            per_tok += gemm_in * h
     if spec.n_experts > 1:
         per_tok += 4 * spec.n_experts / sp  # router probabilities (fp32)
+        if stack.saves_gathered:  # the router's (bf16) input, which it reads in fp32: the whole sequence under tp
+            per_tok += 2 * h
     return T * per_tok
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gigafactory.errors import UserError
-from gigafactory.model.grok import GrokModel, MoE
+from gigafactory.model.grok import GrokModel, MoE, combine
 from gigafactory.specs import ModelSpec
 from gigafactory.specs.layout import Layout
 
@@ -64,8 +64,7 @@ def _balanced_ep_dispatch(moe: MoE, x: Tensor, gates: Tensor, idx: Tensor, group
     recv = all_to_all(x[token_of], splits, splits, group)
     per_expert = torch.full((n_local,), recv.shape[0] // n_local, dtype=torch.int64, device=x.device)
     out = all_to_all(moe.experts(recv, per_expert), splits, splits, group)
-    out = out * gates.reshape(-1)[order, None].to(out.dtype)
-    return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
+    return combine(out, gates, order)
 
 
 def _use_balanced_dispatch(model: torch.nn.Module, group: dist.ProcessGroup) -> None:
