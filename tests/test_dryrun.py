@@ -214,3 +214,29 @@ def test_planner_counts_the_interleaved_schedules_stage_gathers(monkeypatch) -> 
             seq_len=64)
     planned = stage_unshards(lay.pp_schedule, lay.pp, lay.pp_virtual, 4, 0, 0)
     assert planned > 1 and sum(gathers) == planned, (sum(gathers), planned)
+
+
+def test_a_stages_gradient_reduction_is_not_an_activation(monkeypatch) -> None:  # noqa: ANN001
+    """torch's pipeline reduces a stage's gradients after its last backward, outside autograd and every module
+    (REDUCE_GRAD). What FSDP allocates there (the fp32 reduce-scatter inputs) is no activation, though the tracker
+    files it as one: the activation peak must not move during it."""
+    from torch.distributed.pipelining import stage as pipelining_stage
+
+    from gigafactory.train import dryrun
+
+    trackers, moved = [], []
+    make = dryrun._tracker
+    monkeypatch.setattr(dryrun, "_tracker", lambda *a: trackers.append(make(*a)) or trackers[-1])
+    reduce = pipelining_stage._PipelineStageBase.perform_reduce_grad
+
+    def watched(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        before = trackers[-1].act_peak
+        out = reduce(self, *args, **kwargs)
+        moved.append(trackers[-1].act_peak - before)
+        return out
+
+    monkeypatch.setattr(pipelining_stage._PipelineStageBase, "perform_reduce_grad", watched)
+    lay = Layout.parse("dp_shard=2,pp=2,pp_schedule=1f1b")
+    tiny = load_spec("tiny").model_copy(update={"n_layers": 4})
+    dryrun.measure(tiny, lay, world=4, batch_size=4, grad_accum=2, seq_len=8)
+    assert moved and not any(moved), moved

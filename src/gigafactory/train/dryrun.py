@@ -143,6 +143,7 @@ def _tracker(roots: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> 
 
     class Tracker(FSDPMemTracker):
         act_peak = 0
+        reducing = False  # inside a pipeline stage's gradient reduction (`_stage_reductions`)
         unsharded_params_peak = 0
         grads_peak = 0
 
@@ -152,7 +153,8 @@ def _tracker(roots: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> 
 
         def _update_own_peaks(self) -> None:
             for snap in self._curr_mem_snap.values():
-                self.act_peak = max(self.act_peak, snap.get(R.ACT, 0))
+                if not self.reducing:
+                    self.act_peak = max(self.act_peak, snap.get(R.ACT, 0))
                 self.unsharded_params_peak = max(self.unsharded_params_peak, snap.get(R.UNSHARDED_PARAM, 0))
 
         def update_grads_peak(self) -> None:
@@ -213,6 +215,35 @@ def _repeated_roots(tracker: Any, roots: list[torch.nn.Module]) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _stage_reductions(tracker: Any, stages: list[Any]) -> Iterator[None]:
+    """torch.distributed.pipelining reduces a stage's gradients after its last backward, outside autograd: its
+    REDUCE_GRAD action calls FSDP's post-backward by hand (`PipelineStage.perform_reduce_grad`). The tracker,
+    seeing neither a module nor a backward there, files what that allocates (the fp32 reduce-scatter inputs) as
+    forward activations; none is one (it counts in the total peak still). grok-2 with 16 layers at
+    dp_replicate=2,dp_shard=5,tp=8,pp=4: a 1,993 MiB fp32 reduce-scatter input had set the activation peak."""
+
+    def wrap(stage: Any) -> Any:
+        inner = stage.perform_reduce_grad
+
+        def reduce(*args: Any, **kwargs: Any) -> Any:
+            tracker.reducing = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                tracker.reducing = False
+
+        return reduce
+
+    for stage in stages:
+        stage.perform_reduce_grad = wrap(stage)
+    try:
+        yield
+    finally:
+        for stage in stages:
+            del stage.perform_reduce_grad
 
 
 def _global_rank(world: int, pp: int, last_stage: bool) -> int:
@@ -283,7 +314,7 @@ def measure(spec: ModelSpec, layout: Layout, world: int, batch_size: int, grad_a
             counter = CommCounter()
             with _own_propagation_mode(), tracker, counter:
                 if par.pipeline is not None:
-                    with _repeated_roots(tracker, _roots(par)):
+                    with _repeated_roots(tracker, _roots(par)), _stage_reductions(tracker, par.pipeline.stages):
                         _pipeline_step(par, spec, micro, grad_accum, seq_len)
                 for i in range(grad_accum if par.pipeline is None else 0):  # the pipeline ran them above
                     tracker.reset_mod_stats()  # per-module stats per micro-batch; the step's peak is kept
