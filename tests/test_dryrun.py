@@ -111,6 +111,9 @@ GROK = [
     # rank they put the state 13-15% and FSDP's gather 9% above the planner with 2 layers
     ("grok-2", "dp_shard=64,tp=2,ep=4,recompute=full", 128, 128, 1),
     ("grok-2", "dp_replicate=10,dp_shard=1000,tp=2,ep=4,recompute=full", 20000, 10000, 1),
+    # today's seed plan, `gigafactory plan --model grok-2 --gpus 20000` (the Done-when run with its 64 layers is
+    # in docs/train.md)
+    ("grok-2", "dp_replicate=40,dp_shard=250,tp=2,recompute=full", 20000, 10000, 1),
     # the seed plans' expert sharding (FSDP over 250 ranks, which d_model=8192 does not split into) without their
     # tp: with expert parallelism (experts their own FSDP unit) and without (today's plan, whole-layer units)
     ("grok-2", "dp_replicate=20,dp_shard=1000,ep=4,recompute=full", 20000, 20000, 1),
