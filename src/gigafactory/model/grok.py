@@ -252,10 +252,7 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k
-        # Counts by scatter-add (static shape; bincount's shape depends on the data): no host synchronisation.
-        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))
-        return combine(self.experts(x[token_of], counts), gates, order)
+        return combine(self.experts(x[token_of], expert_counts(flat, self.n_experts)), gates, order)
 
     def capacity_dispatch(self, x: Tensor, gates: Tensor, idx: Tensor,
                           run_experts: Callable[[Tensor, int], Tensor] | None = None) -> Tensor:
@@ -304,6 +301,12 @@ def routed_counts(idx: Tensor, n_experts: int) -> Tensor:
     return counts.scatter_add_(-1, idx, ones)
 
 
+def expert_counts(flat: Tensor, n_experts: int) -> Tensor:
+    """[E] int64: how many of the routed copies `flat` (expert ids) go to each expert. By scatter-add (a static
+    shape; bincount's shape depends on the data): no host synchronisation."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def capacity_slots(idx: Tensor, n_experts: int, capacity: int) -> Tensor:
     """Which routed copy fills each of the n_experts · capacity expert slots: [E·C] indices into
     ``idx.reshape(-1)`` (token-major, so copy i is token i // top_k's choice i % top_k), expert-major, or
@@ -312,7 +315,7 @@ def capacity_slots(idx: Tensor, n_experts: int, capacity: int) -> Tensor:
     flat = idx.reshape(-1)
     n = flat.numel()
     order = torch.argsort(flat, stable=True)  # copies grouped by expert, token order kept within each
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = expert_counts(flat, n_experts)
     expert = flat[order]
     pos = torch.arange(n, device=flat.device) - (counts.cumsum(0) - counts)[expert]  # place within its expert
     # a dropped copy writes to one extra slot, cut off below (several may: that slot's value is never used)

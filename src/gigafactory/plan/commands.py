@@ -29,6 +29,7 @@ from gigafactory.plan.sizing import (
 from gigafactory.specs import hardware
 from gigafactory.specs.layout import Layout
 from gigafactory.specs.model_spec import load_spec
+from gigafactory.train.config import option_help
 from gigafactory.util import atomic_write_text
 
 # Seed scenario defaults. Token budget 15T: Llama 3's pre-training budget (arXiv:2407.21783); Grok-2's is not
@@ -67,13 +68,6 @@ def _no_fit_message(spec_name: str, res: SearchResult, run: Any) -> str:
             f"leanest ({leanest}) needs {need:.0f} GB per GPU: use GPUs with ≥ {need:.0f} GB{more}")
 
 
-def _train_help(option: str) -> str:
-    """A training option's help, from its one definition in `TrainConfig` (pydantic, no torch)."""
-    from gigafactory.train.config import TrainConfig
-
-    return TrainConfig.model_fields[option].description or ""
-
-
 class _Runner:
     def __init__(self, spec: Any, gpu: hardware.GPUSpec, n: int, fabric: str, batch: float, seq: int,
                  stack: Any, rank: str, fp8: bool = False, capacity_factor: float | None = None) -> None:
@@ -110,7 +104,7 @@ def plan(
     stack: str = typer.Option("modern", help=f"software stack assumptions: {', '.join(STACKS)}"),
     precision: str = typer.Option("bf16", help="bf16, or fp8 (Transformer Engine FP8 GEMMs, the rest bf16; MFU "
                                   "stays relative to the BF16 peak)"),
-    moe_capacity_factor: float | None = typer.Option(None, help=_train_help("moe_capacity_factor")),
+    moe_capacity_factor: float | None = typer.Option(None, help=option_help("moe_capacity_factor")),
     checkpoint_s: float = typer.Option(DEFAULT_CHECKPOINT_S, min=0, help="blocking seconds per checkpoint"),
     restart_s: float = typer.Option(DEFAULT_RESTART_S, min=0, help="seconds to detect a failure and restart"),
     catalog: Path | None = typer.Option(None, help="TOML/JSON file overriding hardware/site values"),

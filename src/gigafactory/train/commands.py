@@ -8,14 +8,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from gigafactory.train.config import option_help
+
 console = Console()
-
-
-def _help(option: str) -> str:
-    """An option's help, from its one definition in `TrainConfig` (pydantic, no torch)."""
-    from gigafactory.train.config import TrainConfig
-
-    return TrainConfig.model_fields[option].description or ""
 
 
 def train(
@@ -47,7 +42,7 @@ def train(
                                                    "peer's host memory (restarts skip the disk); 0 = off"),
     stop_after: int | None = typer.Option(None, help="stop at this step with a checkpoint (time-boxed job)"),
     dtype: str | None = typer.Option(None, help="auto, fp32 or bf16 (autocast)"),
-    moe_capacity_factor: float | None = typer.Option(None, help=_help("moe_capacity_factor")),
+    moe_capacity_factor: float | None = typer.Option(None, help=option_help("moe_capacity_factor")),
     layout: str | None = typer.Option(None, help="parallel layout under torchrun, e.g. dp_shard=2,tp=2"),
     plan: Path | None = typer.Option(None, help="plan.json from `gigafactory plan --export`: layout, batch, steps"),
     compare_plan: bool = typer.Option(False, help="print measured bytes per collective beside the planner's"),

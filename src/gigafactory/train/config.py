@@ -68,6 +68,11 @@ class TrainConfig(BaseModel):
         return self
 
 
+def option_help(option: str) -> str:
+    """A training option's help text, from its one definition here (for the CLI commands that take it)."""
+    return TrainConfig.model_fields[option].description or ""
+
+
 def make_config(**kwargs: object) -> TrainConfig:
     try:
         return TrainConfig(**{k: v for k, v in kwargs.items() if v is not None})
